@@ -1,0 +1,227 @@
+"""The public model: texts in, unit-length embedding rows out, in input order."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import encoder
+from .batching import token_budget_batches
+from .config import BertConfig, EmbedderConfig, read_bert_config
+from .progress import Progress
+from .tokenizer import Tokenizer, check_texts
+from .weights import BertWeights, load_weights
+
+QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
+
+# Tokens per forward pass. Large enough that every linear layer is a big, efficient matrix product, small
+# enough that the activations (about 6 KB per token for bge-small) stay in a few tens of MB.
+DEFAULT_BATCH_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    folder: Path
+    config: Path
+    weights: Path
+    tokenizer: Path
+
+    @classmethod
+    def in_folder(cls, folder) -> "ModelFiles":
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"model folder {folder} does not exist: pass a folder holding config.json, model.safetensors "
+                "and tokenizer.json, or run `bgesmall download` to fetch BAAI/bge-small-en-v1.5"
+            )
+        files = cls(folder, folder / "config.json", folder / "model.safetensors", folder / "tokenizer.json")
+        missing = [p.name for p in (files.config, files.weights, files.tokenizer) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"model folder {folder} lacks {', '.join(missing)}: a model folder holds config.json, "
+                "model.safetensors and tokenizer.json (the Hugging Face layout); `bgesmall download` fetches them"
+            )
+        return files
+
+
+class Model:
+    """A loaded BERT embedding model. Thread-safe: forward passes are serialized on one lock."""
+
+    def __init__(self, files: ModelFiles, config: BertConfig, embedder: EmbedderConfig, weights: BertWeights):
+        self.path = files.folder
+        self.config = config
+        self.embedder = embedder
+        self.weights = weights
+        self.tokenizer = Tokenizer(files.tokenizer, embedder.max_seq_length)
+        self._lock = threading.Lock()
+        self._workspace = encoder.Workspace.allocate(config, 0)
+
+    def __repr__(self) -> str:
+        return f"bgesmall.Model({str(self.path)!r}, dim={self.dim}, layers={self.config.num_hidden_layers}, pooling={self.pooling!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def max_tokens(self) -> int:
+        return self.embedder.max_seq_length
+
+    @property
+    def pooling(self) -> str:
+        return self.embedder.pooling
+
+    @property
+    def num_parameters(self) -> int:
+        return self.config.num_parameters
+
+    # -- tokens -----------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True, truncate: bool = True) -> list[list[int]]:
+        """Token ids per text; with add_special_tokens, [CLS] ... [SEP] and cut to max_tokens."""
+        texts = check_texts(texts)
+        content = self.tokenizer.content_ids(texts)
+        if not add_special_tokens:
+            return [ids[: self.max_tokens - 2] for ids in content] if truncate else content
+        return self.tokenizer.wrap(content, truncate=truncate)
+
+    def count_tokens(self, texts: Sequence[str], *, truncate: bool = True) -> list[int]:
+        """Tokens each text costs, [CLS] and [SEP] included (after truncation, unless truncate=False)."""
+        return [len(ids) for ids in self.tokenize(texts, truncate=truncate)]
+
+    # -- embeddings -------------------------------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = True) -> np.ndarray:
+        """[n] texts -> [n, dim] float32, unit rows (normalize=True), in input order."""
+        return self._embed_sequences(self.tokenize(texts, truncate=truncate), normalize=normalize)
+
+    def embed_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+        """Like embed, with BGE's retrieval instruction prepended to each query."""
+        return self.embed([QUERY_INSTRUCTION + t for t in check_texts(texts)], **kwargs)
+
+    def embed_token_ids(
+        self,
+        ids: Sequence[Sequence[int]],
+        *,
+        add_special_tokens: bool = True,
+        truncate: bool = True,
+        normalize: bool = True,
+    ) -> np.ndarray:
+        """Already-tokenized input: [n] lists of vocabulary ids -> [n, dim].
+
+        With add_special_tokens (the default) the ids are a text's WordPiece ids and [CLS] ... [SEP] is added,
+        so embed_token_ids(tokenize(texts, add_special_tokens=False)) == embed(texts). Without it, each
+        sequence is fed to the encoder as it is.
+        """
+        seqs = self._check_ids(ids)
+        if add_special_tokens:
+            seqs = self.tokenizer.wrap(seqs, truncate=truncate)
+        else:
+            limit = self.config.max_position_embeddings
+            for i, s in enumerate(seqs):
+                if not s:
+                    raise ValueError(f"input {i} is empty: the encoder needs at least one token")
+                if len(s) > limit and not truncate:
+                    raise ValueError(f"input {i} has {len(s)} tokens, over the model's {limit} positions")
+            seqs = [s[:limit] for s in seqs]
+        return self._embed_sequences(seqs, normalize=normalize)
+
+    def _check_ids(self, ids) -> list[list[int]]:
+        if isinstance(ids, (str, bytes)):
+            raise TypeError("expected a list of token-id lists")
+        out = []
+        vocab = self.config.vocab_size
+        for i, seq in enumerate(ids):
+            try:
+                arr = np.asarray(seq)
+            except Exception:
+                raise TypeError(f"input {i} is not a list of integers") from None
+            if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+                raise TypeError(f"input {i} is not a list of integers")
+            if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+                raise ValueError(f"input {i} has a token id outside this model's vocabulary [0, {vocab})")
+            out.append(arr.astype(np.int64).tolist())
+        return out
+
+    def _embed_sequences(self, seqs: list[list[int]], *, normalize: bool) -> np.ndarray:
+        out = np.empty((len(seqs), self.dim), dtype=np.float32)
+        lengths = [len(s) for s in seqs]
+        for batch in token_budget_batches(lengths, DEFAULT_BATCH_TOKENS):
+            out[batch] = self._forward([seqs[i] for i in batch])
+        return encoder.l2_normalize(out) if normalize else out
+
+    def _forward(self, seqs: list[list[int]]) -> np.ndarray:
+        # [b] token sequences -> [b, dim] pooled, not normalized
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in seqs], out=offsets[1:])
+        ids = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+        with self._lock:
+            if self._workspace.capacity < ids.shape[0]:
+                self._workspace = encoder.Workspace.allocate(self.config, max(ids.shape[0], 512))
+            hidden = encoder.encode(self.config, self.weights, ids, offsets, self._workspace)
+            return encoder.pool(hidden, offsets, self.pooling)
+
+    # -- conveniences -----------------------------------------------------------------------------------
+
+    def embed_iter(self, texts: Iterable[str], *, chunk_size: int = 256, query: bool = False, truncate: bool = True) -> Iterator[np.ndarray]:
+        """Stream: pulls `chunk_size` texts at a time, yields one [k, dim] block per chunk, in order."""
+        embed = self.embed_queries if query else self.embed
+        chunk: list[str] = []
+        for t in texts:
+            chunk.append(t)
+            if len(chunk) == chunk_size:
+                yield embed(chunk, truncate=truncate)
+                chunk = []
+        if chunk:
+            yield embed(chunk, truncate=truncate)
+
+    def encode(
+        self,
+        sentences,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+        normalize_embeddings: bool = False,
+        prompt: str | None = None,
+        **unused,
+    ) -> np.ndarray:
+        """sentence-transformers' `SentenceTransformer.encode`, for drop-in use.
+
+        As there, a single str gives a [dim] vector and a list gives [n, dim]; rows are normalized when the
+        model folder's modules.json has a Normalize module (as BGE's and all-MiniLM's do) or when
+        normalize_embeddings=True. Batches are formed by token budget; batch_size sets the progress step.
+        """
+        single = isinstance(sentences, str)
+        texts = check_texts([sentences] if single else sentences)
+        if prompt:
+            texts = [prompt + t for t in texts]
+        normalize = normalize_embeddings or self.embedder.normalize
+        bar = Progress(len(texts), enabled=bool(show_progress_bar))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), max(1, batch_size)):
+            part = texts[start : start + batch_size]
+            out[start : start + len(part)] = self.embed(part, normalize=normalize)
+            bar.update(len(part))
+        bar.close()
+        return out[0] if single else out
+
+
+def load(path=None) -> Model:
+    """Load a model folder (Hugging Face layout). With no path, find the BGE-small weights (see bgesmall.locate)."""
+    if path is None:
+        from .locate import find_model_dir
+
+        path = find_model_dir()
+    files = ModelFiles.in_folder(path)
+    config = read_bert_config(files.folder)
+    embedder = EmbedderConfig.from_folder(files.folder, config)
+    weights = load_weights(files.weights, config)
+    return Model(files, config, embedder, weights)

@@ -1,0 +1,83 @@
+"""WordPiece tokenization with `tokenizers`, from the checkpoint's tokenizer.json.
+
+Padding and truncation baked into a tokenizer file are switched off: the engine packs sequences without
+padding, and truncation is done here so that an over-long text can be reported with its full length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from .config import ModelLoadError
+
+
+def check_texts(texts) -> list[str]:
+    """The public API's input check: a list of str, else TypeError naming the first bad index."""
+    if isinstance(texts, str):
+        raise TypeError("expected a list of strings, got a single str: wrap it as [text]")
+    try:
+        items = list(texts)
+    except TypeError:
+        raise TypeError(f"expected a list of strings, got {type(texts).__name__}") from None
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise TypeError(f"input {i} is {type(t).__name__}, not str")
+    return items
+
+
+def _clean(text: str) -> str:
+    """Lone surrogates (which no UTF-8 encoder accepts) become U+FFFD, as a browser would show them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+class Tokenizer:
+    def __init__(self, path: Path, max_tokens: int):
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a plain Exception for a missing or malformed file
+            raise ModelLoadError(
+                f"cannot read tokenizer {path} ({e}): the model folder needs the checkpoint's tokenizer.json"
+            ) from e
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.max_tokens = max_tokens
+        self.cls_id = self._special("[CLS]", path)
+        self.sep_id = self._special("[SEP]", path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _special(self, token: str, path: Path) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise ModelLoadError(f"{path}: tokenizer has no {token} token; is this a BERT tokenizer?")
+        return i
+
+    def content_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """WordPiece ids of each text, without [CLS]/[SEP] and without truncation."""
+        cleaned = [_clean(t) for t in texts]
+        return [e.ids for e in self._tok.encode_batch(cleaned, add_special_tokens=False)]
+
+    def wrap(self, ids: Sequence[Sequence[int]], *, truncate: bool) -> list[list[int]]:
+        """[CLS] ids [SEP], cut to max_tokens (keeping [SEP]) or, with truncate=False, ValueError."""
+        room = self.max_tokens - 2
+        out = []
+        for i, seq in enumerate(ids):
+            if len(seq) > room:
+                if not truncate:
+                    raise ValueError(
+                        f"input {i} has {len(seq) + 2} tokens, over this model's limit of {self.max_tokens}; "
+                        "shorten it or pass truncate=True"
+                    )
+                seq = seq[:room]
+            out.append([self.cls_id, *seq, self.sep_id])
+        return out
+
+    def encode(self, texts: Sequence[str], *, truncate: bool = True) -> list[list[int]]:
+        """Full model inputs: [CLS] text [SEP], truncated to max_tokens."""
+        return self.wrap(self.content_ids(texts), truncate=truncate)
