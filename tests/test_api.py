@@ -1,0 +1,189 @@
+"""The public API as a user calls it: shapes, order, errors that say what to do, bad input never lost."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bgesmall
+from bgesmall.batching import token_budget_batches
+from bgesmall.synthetic import make_checkpoint
+
+
+def test_shapes_order_and_unit_rows(minilm):
+    texts = ["the cat sat on the mat", "a completely different topic: tax law", "the cat sat on the mat"]
+    v = minilm.embed(texts)
+    assert v.shape == (3, minilm.dim) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(v[0], v[2])
+    assert v[0] @ v[1] < 0.9
+
+
+def test_empty_list_and_empty_string(minilm):
+    assert minilm.embed([]).shape == (0, minilm.dim)
+    v = minilm.embed([""])
+    assert v.shape == (1, minilm.dim) and np.isfinite(v).all()
+    assert minilm.count_tokens([""]) == [2]  # [CLS] [SEP]
+
+
+def test_non_string_item_is_a_type_error_naming_its_index(minilm):
+    with pytest.raises(TypeError, match="input 2 is int"):
+        minilm.embed(["a", "b", 3])
+    with pytest.raises(TypeError, match="single str"):
+        minilm.embed("not a list")
+
+
+def test_overlong_input_truncates_by_default_or_raises(minilm):
+    long = "word " * 1000
+    assert minilm.count_tokens([long]) == [minilm.max_tokens]
+    assert minilm.embed(["ok", long]).shape == (2, minilm.dim)
+    with pytest.raises(ValueError, match=r"input 1 has 1002 tokens, over this model's limit of 256"):
+        minilm.embed(["ok", long], truncate=False)
+    assert minilm.count_tokens([long], truncate=False) == [1002]
+
+
+def test_hostile_strings_are_embedded_and_others_keep_their_place(minilm):
+    odd = [
+        "control \x01\x02\x1b[31m chars",
+        "nul \x00 inside",
+        "emoji 🎉🔥👩‍👩‍👧",
+        "lone surrogate \ud800 here",
+        "x" * 100_000,
+        "\t\n\r ",
+        "日本語とEnglish mixed",
+    ]
+    texts = []
+    for s in odd:
+        texts += ["plain sentence before", s]
+    v = minilm.embed(texts)
+    assert v.shape == (len(texts), minilm.dim) and np.isfinite(v).all()
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-6)
+    alone = minilm.embed(["plain sentence before"])[0]
+    for i in range(0, len(texts), 2):
+        np.testing.assert_allclose(v[i], alone, atol=1e-6)
+    for i, s in enumerate(odd):
+        np.testing.assert_allclose(v[2 * i + 1], minilm.embed([s])[0], atol=1e-6)
+
+
+def test_queries_get_the_bge_instruction(minilm):
+    q = minilm.embed_queries(["what is a cat"])
+    np.testing.assert_array_equal(q, minilm.embed([bgesmall.QUERY_INSTRUCTION + "what is a cat"]))
+    assert bgesmall.QUERY_INSTRUCTION == "Represent this sentence for searching relevant passages: "
+
+
+def test_token_ids_round_trip(minilm):
+    texts = ["hello world", "another one, a bit longer than the first"]
+    ids = minilm.tokenize(texts, add_special_tokens=False)
+    np.testing.assert_array_equal(minilm.embed_token_ids(ids), minilm.embed(texts))
+    full = minilm.tokenize(texts)
+    np.testing.assert_array_equal(minilm.embed_token_ids(full, add_special_tokens=False), minilm.embed(texts))
+    with pytest.raises(ValueError, match="input 1 has a token id outside"):
+        minilm.embed_token_ids([[1, 2], [10**9]])
+    with pytest.raises(TypeError, match="input 0"):
+        minilm.embed_token_ids([["a"]])
+
+
+def test_encode_like_sentence_transformers(minilm):
+    texts = ["one", "two three", "four five six"]
+    np.testing.assert_array_equal(minilm.encode(texts, batch_size=2), minilm.embed(texts))
+    single = minilm.encode("one")
+    assert single.shape == (minilm.dim,)
+    np.testing.assert_array_equal(single, minilm.embed(["one"])[0])
+
+
+def test_embed_iter_streams_in_order(minilm):
+    texts = [f"sentence number {i}" for i in range(23)]
+    blocks = list(minilm.embed_iter(iter(texts), chunk_size=5))
+    assert [len(b) for b in blocks] == [5, 5, 5, 5, 3]
+    np.testing.assert_allclose(np.concatenate(blocks), minilm.embed(texts), atol=1e-6)
+
+
+def test_model_facts(minilm):
+    assert (minilm.dim, minilm.max_tokens, minilm.pooling) == (384, 256, "mean")
+    assert minilm.config.num_hidden_layers == 6
+    assert 22_000_000 < minilm.num_parameters < 23_000_000
+
+
+def test_token_budget_batches_keep_order_and_budget():
+    lengths = [5, 5, 5, 20, 1, 1]
+    batches = list(token_budget_batches(lengths, 10))
+    assert batches == [[0, 1], [2], [3], [4, 5]]
+    assert [i for b in batches for i in b] == list(range(6))
+
+
+# -- loading errors -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return make_checkpoint(tmp_path / "tiny", preset="tiny", seed=3)
+
+
+def test_missing_folder_and_files_say_what_to_do(tmp_path, tiny_dir):
+    with pytest.raises(FileNotFoundError, match="does not exist.*bgesmall download"):
+        bgesmall.load(tmp_path / "nowhere")
+    (tiny_dir / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks model.safetensors"):
+        bgesmall.load(tiny_dir)
+
+
+def test_unsupported_activation_and_architecture(tiny_dir):
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu_new"}))
+    with pytest.raises(bgesmall.ModelLoadError, match="hidden_act='gelu_new' is not supported"):
+        bgesmall.load(tiny_dir)
+    (tiny_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "roberta", "architectures": ["RobertaModel"]}))
+    with pytest.raises(bgesmall.ModelLoadError, match="not a BERT encoder"):
+        bgesmall.load(tiny_dir)
+
+
+def _rewrite_tensors(folder, edit):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file(edit(tensors), str(folder / "model.safetensors"))
+
+
+def test_missing_or_misshaped_tensor_names_file_tensor_and_shapes(tiny_dir):
+    _rewrite_tensors(tiny_dir, lambda t: {k: v for k, v in t.items() if "layer.1.output.dense.weight" not in k})
+    with pytest.raises(bgesmall.ModelLoadError, match=r"model.safetensors: tensor 'encoder.layer.1.output.dense.weight' is missing \(expected shape"):
+        bgesmall.load(tiny_dir)
+
+
+def test_misshaped_tensor(tiny_dir):
+    def bad(t):
+        k = next(k for k in t if k.endswith("layer.0.intermediate.dense.bias"))
+        t[k] = t[k][:-1].copy()
+        return t
+
+    _rewrite_tensors(tiny_dir, bad)
+    with pytest.raises(bgesmall.ModelLoadError, match=r"'encoder.layer.0.intermediate.dense.bias' has shape \(\d+,\), expected \(\d+,\)"):
+        bgesmall.load(tiny_dir)
+
+
+def test_bert_prefix_is_accepted(tiny_dir, tmp_path):
+    want = bgesmall.load(tiny_dir).embed(["prefix check"])
+    other = tmp_path / "prefixed"
+    shutil.copytree(tiny_dir, other)
+    _rewrite_tensors(other, lambda t: {(k if k.startswith("bert.") else "bert." + k): v for k, v in t.items()})
+    np.testing.assert_array_equal(bgesmall.load(other).embed(["prefix check"]), want)
+
+
+def test_corrupt_safetensors_is_a_clear_error(tiny_dir):
+    (tiny_dir / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(bgesmall.ModelLoadError, match="not a readable safetensors file"):
+        bgesmall.load(tiny_dir)
+
+
+def test_library_never_imports_heavy_frameworks(minilm_dir):
+    code = (
+        "import sys, bgesmall\n"
+        f"m = bgesmall.load({str(minilm_dir)!r}); m.embed(['hi'])\n"
+        "bad = [n for n in ('torch', 'transformers', 'onnxruntime', 'fastapi', 'uvicorn', 'sentence_transformers') if n in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr

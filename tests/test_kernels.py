@@ -1,0 +1,141 @@
+"""Each kernel against a plain numpy (float64) version of itself, on seeded input and on edge cases."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bgesmall.kernels import attention, bias_gelu, embed_layernorm, erf, exp_nonpositive, gelu, residual_layernorm
+
+rng = np.random.default_rng(1234)
+
+
+def ref_gelu(x):  # exact erf GELU in float64
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def ref_layernorm(x, gamma, beta, eps):
+    x = x.astype(np.float64)
+    mean = x.mean(axis=1, keepdims=True)
+    var = x.var(axis=1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def ref_attention(qkv, bias, offsets, heads):
+    qkv = qkv.astype(np.float64) + bias
+    hidden = qkv.shape[1] // 3
+    d = hidden // heads
+    out = np.zeros((qkv.shape[0], hidden))
+    for s in range(len(offsets) - 1):
+        rows = qkv[offsets[s] : offsets[s + 1]]
+        for h in range(heads):
+            q = rows[:, h * d : (h + 1) * d]
+            k = rows[:, hidden + h * d : hidden + (h + 1) * d]
+            v = rows[:, 2 * hidden + h * d : 2 * hidden + (h + 1) * d]
+            scores = q @ k.T / math.sqrt(d)
+            p = np.exp(scores - scores.max(axis=1, keepdims=True))
+            out[offsets[s] : offsets[s + 1], h * d : (h + 1) * d] = (p / p.sum(axis=1, keepdims=True)) @ v
+    return out
+
+
+def test_erf_matches_libm():
+    xs = np.linspace(-8, 8, 40001, dtype=np.float32)
+    err = max(abs(erf(x) - math.erf(float(x))) for x in xs)
+    assert err < 5e-7
+    assert erf(np.float32(np.inf)) == 1.0 and erf(np.float32(-np.inf)) == -1.0
+
+
+def test_gelu_scalar_is_exact_erf_gelu_not_tanh():
+    xs = np.linspace(-10, 10, 2001, dtype=np.float32)
+    ours = np.array([gelu(x) for x in xs])
+    assert np.abs(ours - ref_gelu(xs)).max() < 1e-6
+    tanh = 0.5 * xs * (1 + np.tanh(math.sqrt(2 / math.pi) * (xs + 0.044715 * xs**3)))
+    assert np.abs(tanh - ref_gelu(xs)).max() > 1e-4  # the approximation is distinguishable at this tolerance
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 512])
+def test_bias_gelu(tokens):
+    x = (rng.standard_normal((tokens, 1536)) * 3).astype(np.float32)
+    b = rng.standard_normal(1536).astype(np.float32)
+    want = ref_gelu(x.astype(np.float64) + b)
+    bias_gelu(x, b)
+    np.testing.assert_allclose(x, want, atol=2e-6, rtol=1e-6)
+
+
+def test_exp_nonpositive_and_its_sum():
+    x = -np.abs(rng.standard_normal(1000) * 30).astype(np.float32)
+    x[:3] = [0.0, -1e-8, -100.0]
+    want = np.exp(x.astype(np.float64))
+    bits = np.empty(1000, dtype=np.int32)
+    total = exp_nonpositive(x, bits)
+    big = want > 1e-30
+    assert np.max(np.abs(x[big] - want[big]) / want[big]) < 3e-7
+    assert np.all(np.abs(x[~big]) < 1e-30)
+    assert abs(total - want.sum()) / want.sum() < 1e-6
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 512])
+def test_residual_layernorm(tokens):
+    x = rng.standard_normal((tokens, 384)).astype(np.float32)
+    bias, res = rng.standard_normal(384).astype(np.float32), rng.standard_normal((tokens, 384)).astype(np.float32)
+    gamma, beta = (1 + 0.1 * rng.standard_normal(384)).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    want = ref_layernorm(x.astype(np.float64) + bias + res, gamma, beta, 1e-12)
+    out = np.empty_like(x)
+    residual_layernorm(x, bias, res, gamma, beta, 1e-12, out)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
+    residual_layernorm(x, bias, res, gamma, beta, 1e-12, res)  # in place over the residual, as the encoder does
+    np.testing.assert_array_equal(res, out)
+
+
+def test_layernorm_of_a_constant_row_is_beta():
+    x = np.zeros((2, 384), dtype=np.float32)
+    beta = rng.standard_normal(384).astype(np.float32)
+    out = np.empty_like(x)
+    residual_layernorm(x, np.zeros(384, np.float32), x.copy(), np.ones(384, np.float32), beta, 1e-12, out)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, np.broadcast_to(beta, out.shape), atol=1e-6)
+
+
+def test_embed_layernorm():
+    word = rng.standard_normal((100, 384)).astype(np.float32)
+    pos = rng.standard_normal((512, 384)).astype(np.float32)
+    typ = rng.standard_normal(384).astype(np.float32)
+    gamma, beta = rng.standard_normal(384).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    ids = rng.integers(0, 100, 600).astype(np.int32)
+    positions = np.concatenate([np.arange(88), np.arange(512)]).astype(np.int32)
+    out = np.empty((600, 384), dtype=np.float32)
+    embed_layernorm(ids, positions, word, pos, typ, gamma, beta, 1e-12, out)
+    want = ref_layernorm(word[ids].astype(np.float64) + pos[positions] + typ, gamma, beta, 1e-12)
+    np.testing.assert_allclose(out, want, atol=3e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[1], [2], [512], [1, 512, 7, 1, 33]])
+def test_attention_packed_sequences(lengths):
+    heads, hidden = 12, 384
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    qkv = (rng.standard_normal((offsets[-1], 3 * hidden)) * 2).astype(np.float32)
+    bias = rng.standard_normal(3 * hidden).astype(np.float32)
+    out = np.empty((offsets[-1], hidden), dtype=np.float32)
+    attention(qkv, bias, offsets, heads, out)
+    np.testing.assert_allclose(out, ref_attention(qkv, bias, offsets, heads), atol=2e-5, rtol=1e-5)
+
+
+def test_attention_never_reads_across_sequences():
+    heads, hidden = 12, 384
+    qkv = rng.standard_normal((10, 3 * hidden)).astype(np.float32)
+    bias = np.zeros(3 * hidden, np.float32)
+    offsets = np.array([0, 4, 10], dtype=np.int64)
+    out = np.empty((10, hidden), np.float32)
+    attention(qkv, bias, offsets, heads, out)
+    qkv2 = qkv.copy()
+    qkv2[4:] = 1e3  # change the second sequence only
+    out2 = np.empty_like(out)
+    attention(qkv2, bias, offsets, heads, out2)
+    np.testing.assert_array_equal(out[:4], out2[:4])
+
+
+def test_kernels_reject_float64_instead_of_recompiling():
+    x = np.zeros((2, 8), dtype=np.float64)
+    with pytest.raises(TypeError):
+        bias_gelu(x, np.zeros(8))
