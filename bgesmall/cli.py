@@ -1,0 +1,571 @@
+"""The `bgesmall` command: embed, similarity, info, download, serve.
+
+Exit codes: 0 success, 2 usage error (argparse), 1 runtime failure with the reason on stderr (no traceback for
+an expected failure: a missing model, a bad input line, a failed download, an unwritable output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+PROG = "bgesmall"
+NPY_HEADER_BYTES = 128  # fixed .npy header size, so the row count can be filled in after streaming the rows
+
+
+class CLIError(Exception):
+    """An expected runtime failure: printed as `bgesmall <command>: <message>`, exit code 1."""
+
+
+# ---- reading texts ----
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line, without its line ending; a UTF-8 BOM on the first line is dropped."""
+    for number, raw in enumerate(stream, start=1):
+        text = _decode(raw, f"{source} line {number}").rstrip("\n").rstrip("\r")
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        yield number, text
+
+
+def _jsonl_texts(lines: Iterable[tuple[int, str]], source: str, field: str, records: list | None) -> Iterator[str]:
+    for number, line in lines:
+        if not line.strip():
+            continue  # blank lines separate nothing in JSONL
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{source} line {number}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or field not in obj:
+            raise CLIError(f"{source} line {number}: no field {field!r} (choose the text field with --field NAME)")
+        if not isinstance(obj[field], str):
+            raise CLIError(f"{source} line {number}: field {field!r} is {type(obj[field]).__name__}, not a string")
+        if records is not None:
+            records.append(obj)
+        yield obj[field]
+
+
+def _open_input(name: str) -> tuple[IO[bytes], str]:
+    if name == "-":
+        return sys.stdin.buffer, "stdin"
+    try:
+        return open(name, "rb"), name
+    except OSError as e:
+        raise CLIError(f"cannot read {name}: {e.strerror}") from None
+
+
+def _count_lines(name: str) -> int | None:
+    """Lines in a regular file (for the progress total); None for stdin or a pipe."""
+    if name == "-" or not os.path.isfile(name):
+        return None
+    n, last = 0, b"\n"
+    with open(name, "rb") as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+# ---- writing embeddings ----
+
+
+def _row_json(row) -> str:
+    # 9 significant digits round-trip a float32 exactly
+    return "[" + ",".join(f"{x:.9g}" for x in row.tolist()) + "]"
+
+
+class NpyWriter:
+    """Streams rows into a .npy file: a fixed-size header placeholder, the rows, then the real header.
+
+    Written to a hidden temporary name and renamed at the end, so a failed run leaves no truncated .npy.
+    """
+
+    def __init__(self, path: Path, dim: int):
+        self.path, self.dim, self.rows = path, dim, 0
+        self.part = path.with_name(f".{path.name}.part")
+        self.f = open(self.part, "wb")
+        self.f.write(b"\0" * NPY_HEADER_BYTES)
+
+    def write(self, block) -> None:  # [k, dim] float32
+        self.f.write(block.astype("<f4", copy=False).tobytes(order="C"))
+        self.rows += block.shape[0]
+
+    def close(self) -> None:
+        header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % (self.rows, self.dim)
+        pad = NPY_HEADER_BYTES - 10 - len(header) - 1
+        self.f.seek(0)
+        self.f.write(b"\x93NUMPY\x01\x00" + (NPY_HEADER_BYTES - 10).to_bytes(2, "little"))
+        self.f.write((header + " " * pad + "\n").encode("latin1"))
+        self.f.close()
+        os.replace(self.part, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.part.unlink(missing_ok=True)
+
+
+class JsonlWriter:
+    """One JSON object per line: the input record (JSONL input) or {index, text}, plus "embedding"."""
+
+    def __init__(self, path: Path, records: list | None):
+        self.path, self.records, self.rows = path, records, 0
+        self.part = path.with_name(f".{path.name}.part")
+        self.f = open(self.part, "w", encoding="utf-8")
+
+    def write(self, block, texts: list[str]) -> None:
+        for row, text in zip(block, texts):
+            if self.records is not None:
+                obj = dict(self.records.pop(0))
+                obj.pop("embedding", None)
+            else:
+                obj = {"index": self.rows, "text": text}
+            self.f.write(json.dumps(obj, ensure_ascii=False)[:-1] + ', "embedding": ' + _row_json(row) + "}\n")
+            self.rows += 1
+
+    def close(self) -> None:
+        self.f.close()
+        os.replace(self.part, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.part.unlink(missing_ok=True)
+
+
+class JsonArrayWriter:
+    """A JSON array of arrays, one row per line, streamed to stdout or (via a temporary name) to a .json file."""
+
+    def __init__(self, stream: IO[str] | None = None, path: Path | None = None):
+        self.path, self.rows = path, 0
+        self.part = path.with_name(f".{path.name}.part") if path is not None else None
+        self.stream = open(self.part, "w", encoding="utf-8") if self.part is not None else stream
+        self.stream.write("[")
+
+    def write(self, block) -> None:
+        for row in block:
+            self.stream.write(("\n" if self.rows == 0 else ",\n") + _row_json(row))
+            self.rows += 1
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n]\n" if self.rows else "]\n")
+        self.stream.flush()
+        if self.part is not None:
+            self.stream.close()
+            os.replace(self.part, self.path)
+
+    def abort(self) -> None:
+        if self.part is not None:
+            self.stream.close()
+            self.part.unlink(missing_ok=True)
+
+
+# ---- commands ----
+
+
+def _load(model_dir: str | None):
+    import bgesmall
+
+    return bgesmall.load(model_dir)
+
+
+def _progress(total: int | None, enabled: bool):
+    from .progress import Progress
+
+    return Progress(total, enabled=enabled, unit="texts")
+
+
+def _tee(texts: Iterable[str], seen: list[str]) -> Iterator[str]:
+    for t in texts:
+        seen.append(t)
+        yield t
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.subparser
+    sources = (["-"] if args.texts == ["-"] else []) + ([args.input] if args.input else [])
+    if args.texts and args.input:
+        parser.error("give texts as arguments (or -) or with --input FILE, not both")
+    if "-" in args.texts and args.texts != ["-"]:
+        parser.error("'-' (read stdin) cannot be mixed with texts given as arguments")
+    if not args.texts and not args.input:
+        parser.error("no texts: give TEXT arguments, --input FILE, or - to read standard input")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    out = Path(args.output) if args.output else None
+    kind = out.suffix.lower() if out else None
+    if kind not in (None, ".npy", ".jsonl", ".json"):
+        parser.error(f"--output {args.output}: unknown format {kind or '(no extension)'}; use .npy, .jsonl or .json")
+
+    records: list | None = None
+    total: int | None
+    if sources:
+        name = sources[0]
+        field = args.field
+        if field is None and name.lower().endswith((".jsonl", ".ndjson")):
+            field = "text"
+        stream, label = _open_input(name)
+        lines = _lines(stream, label)
+        if field is not None:
+            records = [] if kind == ".jsonl" else None
+            texts: Iterable[str] = _jsonl_texts(lines, label, field, records)
+        else:
+            texts = (t for _, t in lines)
+        total = _count_lines(name)
+    else:
+        if args.field:
+            parser.error("--field applies to --input FILE or - (JSONL), not to texts given as arguments")
+        texts, total = list(args.texts), len(args.texts)
+
+    model = _load(args.model)
+    if out is not None and out.parent and not out.parent.is_dir():
+        raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
+    seen: list[str] = []
+    try:
+        if kind == ".npy":
+            writer = NpyWriter(out, model.dim)
+        elif kind == ".jsonl":
+            writer = JsonlWriter(out, records)
+        elif kind == ".json":
+            writer = JsonArrayWriter(path=out)
+        else:
+            writer = JsonArrayWriter(sys.stdout)
+    except OSError as e:
+        raise CLIError(f"cannot write {out}: {e.strerror}") from None
+    bar = _progress(total, enabled=not args.quiet)
+    ok = False
+    try:
+        for block in model.embed_iter(_tee(texts, seen), chunk_size=args.batch_size, query=args.query):
+            if isinstance(writer, JsonlWriter):
+                writer.write(block, seen[: block.shape[0]])
+            else:
+                writer.write(block)
+            del seen[: block.shape[0]]
+            bar.update(block.shape[0])
+        ok = True
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            raise
+        raise CLIError(f"cannot write {out or 'standard output'}: {e.strerror or e}") from None
+    finally:
+        bar.close()
+        if ok:
+            writer.close()
+        else:
+            writer.abort()
+    if out is not None:
+        print(f"{PROG} embed: wrote {writer.rows} embeddings x {model.dim} to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    model = _load(args.model)
+    a = model.embed_queries([args.a]) if args.query else model.embed([args.a])
+    b = model.embed([args.b])
+    print(f"{float(a[0] @ b[0]):.6f}")  # rows are unit vectors: the dot product is the cosine
+    return 0
+
+
+def _blas_threads() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        names = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+        env = ", ".join(f"{n}={os.environ[n]}" for n in names if n in os.environ)
+        return f"unknown (threadpoolctl not installed; {env or 'no OPENBLAS/MKL/OMP_NUM_THREADS set'})"
+    import numpy  # noqa: F401  (loads the BLAS so threadpoolctl can see it)
+
+    pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    if not pools:
+        return "unknown (no BLAS library found by threadpoolctl)"
+    return ", ".join(f"{p['num_threads']} ({p.get('internal_api')}, {Path(p['filepath']).name})" for p in pools)
+
+
+def _numba_cache_dir() -> str:
+    import numba
+
+    if numba.config.CACHE_DIR:
+        return f"{numba.config.CACHE_DIR} (NUMBA_CACHE_DIR)"
+    try:
+        from . import kernels
+
+        return str(kernels.attention._cache._cache_path)
+    except Exception:  # a numba internals change must not break `info`
+        return "next to the kernel modules (__pycache__), else numba's user cache"
+
+
+def info_dict(model) -> dict:
+    import numba
+
+    from . import download
+
+    cfg = model.config
+    return {
+        "model": model.name,
+        "path": str(model.path),
+        "pinned": f"{download.REPO_ID}@{download.REVISION}",
+        "dim": model.dim,
+        "parameters": model.num_parameters,
+        "max_tokens": model.max_tokens,
+        "pooling": model.pooling,
+        "layers": cfg.num_hidden_layers,
+        "heads": cfg.num_attention_heads,
+        "vocab_size": cfg.vocab_size,
+        "numba_threads": numba.get_num_threads(),
+        "numba_threading_layer": numba.config.THREADING_LAYER,
+        "blas_threads": _blas_threads(),
+        "numba_cache": _numba_cache_dir(),
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = _load(args.model)
+    info = info_dict(model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [
+        ("model", info["model"]),
+        ("path", info["path"]),
+        ("dimensions", info["dim"]),
+        ("parameters", f"{info['parameters']:,}"),
+        ("max tokens", f"{info['max_tokens']} (incl. [CLS] and [SEP])"),
+        ("pooling", info["pooling"]),
+        ("layers", f"{info['layers']} ({info['heads']} heads, vocab {info['vocab_size']:,})"),
+        ("numba threads", f"{info['numba_threads']} (threading layer: {info['numba_threading_layer']})"),
+        ("BLAS threads", info["blas_threads"]),
+        ("numba cache", info["numba_cache"]),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':<15}{value}")
+    return 0
+
+
+class _DownloadBar:
+    """One line per file on a terminal: name, percent, MB done/total, MB/s."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream, self.name, self.start, self.last = stream, None, 0.0, 0.0
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if name != self.name:
+            self.name, self.start = name, now
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-6) / 1e6
+        pct = 100 * done / total if total else 100
+        width = 24
+        fill = int(width * pct / 100)
+        self.stream.write(f"\r{name[:28]:<28} [{'#' * fill}{'.' * (width - fill)}] {pct:5.1f}% "
+                          f"{done / 1e6:7.1f}/{total / 1e6:.1f} MB {rate:6.1f} MB/s")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from . import download, locate
+
+    manifest = download.manifest_for(args.repo, args.revision)
+    if args.to:
+        dest = Path(args.to).expanduser().absolute()
+    elif manifest is download.BGE_SMALL:
+        dest = locate.default_download_dir()
+    else:
+        dest = locate.default_download_dir().parent / manifest.folder_name
+    if args.check:
+        results = download.check_folder(dest, manifest)
+        for r in results:
+            print(f"{r.name:<36}{r.status:<10}{r.detail}")
+        bad = [r for r in results if r.status in ("missing", "mismatch")]
+        if bad:
+            raise CLIError(f"{dest} does not hold a verified copy of {manifest.repo_id}@{manifest.revision[:12]}: "
+                           f"{', '.join(r.name + ' ' + r.status for r in bad)}; run `bgesmall download --to {dest}`")
+        print(f"{dest}: verified against the pinned hashes of {manifest.repo_id}@{manifest.revision[:12]}")
+        return 0
+    tty = sys.stderr.isatty() and not args.quiet
+    print(f"{PROG} download: {manifest.repo_id}@{manifest.revision[:12]} from {download.hub_endpoint()} to {dest}",
+          file=sys.stderr)
+    reports = download.download(
+        dest,
+        manifest,
+        progress=_DownloadBar(sys.stderr) if tty else None,
+        log=None if (tty or args.quiet) else (lambda msg: print(f"  {msg}", file=sys.stderr)),
+    )
+    kept = [r for r in reports if r.status != "absent"]
+    fetched = sum(r.size for r in reports if r.status == "downloaded")
+    print(f"{PROG} download: {len(kept)} files verified in {dest} ({fetched / 1e6:.1f} MB downloaded, "
+          f"{sum(r.status == 'verified' for r in reports)} already there)", file=sys.stderr)
+    print(dest)
+    return 0
+
+
+def _serve_unavailable(reason: str):
+    def run(args: argparse.Namespace) -> int:
+        raise CLIError(f"the server is not available in this installation ({reason})")
+
+    return run
+
+
+# ---- the parser ----
+
+EPILOGS = {
+    "main": """examples:
+  bgesmall download                          fetch BAAI/bge-small-en-v1.5 (verified) once
+  bgesmall embed "a sentence" "another"      JSON embeddings on stdout
+  bgesmall embed --input docs.txt --output docs.npy
+  bgesmall similarity "a cat" "a kitten"
+  bgesmall info""",
+    "embed": """examples:
+  bgesmall embed "first text" "second text"                 # JSON array of arrays on stdout
+  bgesmall embed --query "how do plants make food?"         # with BGE's query instruction
+  bgesmall embed --input docs.txt --output docs.npy         # one text per line -> float32 [n, dim]
+  bgesmall embed --input docs.jsonl --field body --output out.jsonl   # records + "embedding"
+  cat docs.txt | bgesmall embed - --output docs.npy         # read standard input
+  bgesmall embed --model path/to/all-MiniLM-L6-v2 "any BERT checkpoint folder"
+
+Large inputs are streamed in chunks of --batch-size texts (bounded memory, input order kept). A .jsonl or
+.ndjson input uses --field text unless told otherwise. Output rows are L2-normalized float32.""",
+    "similarity": """examples:
+  bgesmall similarity "The cat sits on the mat." "A cat is sitting on a mat."
+  bgesmall similarity --query "what is a cat?" "Cats are small domesticated carnivores."
+
+Prints the cosine similarity of the two embeddings (a number in [-1, 1]).""",
+    "info": """examples:
+  bgesmall info
+  bgesmall info --model path/to/model --json""",
+    "download": """examples:
+  bgesmall download                                 # to weights/bge-small-en-v1.5 in a checkout, else ~/.cache/bgesmall
+  bgesmall download --to /data/bge-small-en-v1.5
+  bgesmall download --check --to /data/bge-small-en-v1.5   # verify a copied folder, no network
+  HF_ENDPOINT=https://mirror.example bgesmall download
+
+Every file is checked (size, sha256 pinned for revision 5c38ec7c and announced by the hub) before it gets its
+final name; a rerun resumes a broken transfer and skips verified files. Environment: HF_ENDPOINT, HF_TOKEN,
+HF_HUB_OFFLINE=1 (no network: stop).""",
+    "serve": """examples:
+  bgesmall serve                                   # http://127.0.0.1:8000/v1/embeddings
+  bgesmall serve --host 0.0.0.0 --port 8080 --api-key secret""",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*a, **kw)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="a BERT checkpoint folder (config.json, model.safetensors, tokenizer.json); "
+                        "default: the BGE-small weights bgesmall finds (see `bgesmall download --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="BAAI/bge-small-en-v1.5 text embeddings on the CPU (numpy + numba).",
+                     epilog=EPILOGS["main"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("embed", help="embed texts (arguments, a file, JSONL or stdin)", epilog=EPILOGS["embed"],
+                       description="Embed texts and write the vectors as JSON (stdout), .npy or .jsonl.")
+    _add_model(p)
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed; - reads standard input")
+    p.add_argument("--input", "-i", metavar="FILE", help="read texts from FILE (one per line, or JSONL); - is stdin")
+    p.add_argument("--field", metavar="NAME", help="read JSONL input and embed this field of each record")
+    p.add_argument("--output", "-o", metavar="FILE", help="write FILE.npy (float32 [n, dim]), FILE.jsonl or FILE.json")
+    p.add_argument("--query", action="store_true", help="embed as search queries (prepends BGE's instruction)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="texts per chunk (default 256)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_embed, subparser=p)
+
+    p = sub.add_parser("similarity", help="cosine similarity of two texts", epilog=EPILOGS["similarity"],
+                       description="Print the cosine similarity of two texts' embeddings.")
+    _add_model(p)
+    p.add_argument("a", metavar="TEXT")
+    p.add_argument("b", metavar="TEXT")
+    p.add_argument("--query", action="store_true", help="embed the first text as a query (BGE's instruction)")
+    p.set_defaults(func=cmd_similarity, subparser=p)
+
+    p = sub.add_parser("info", help="model, dimensions, threads, caches", epilog=EPILOGS["info"],
+                       description="Show the model found (or given), its shape, and the runtime's threads and caches.")
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info, subparser=p)
+
+    from . import download
+
+    p = sub.add_parser("download", help="fetch the model weights (verified)", epilog=EPILOGS["download"],
+                       description=f"Download {download.REPO_ID} at the pinned revision {download.REVISION}, "
+                                   "verifying every file.")
+    p.add_argument("--to", metavar="DIR", help="destination folder (default: weights/bge-small-en-v1.5 in a "
+                                               "checkout, else $XDG_CACHE_HOME/bgesmall/bge-small-en-v1.5)")
+    p.add_argument("--check", action="store_true", help="verify the folder against the pinned hashes; no network")
+    p.add_argument("--repo", default=download.REPO_ID, help=argparse.SUPPRESS)  # advanced: another BERT repo
+    p.add_argument("--revision", default=download.REVISION, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_download, subparser=p)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible embeddings server", epilog=EPILOGS["serve"],
+                       description="Serve /v1/embeddings (needs the server extra: pip install 'bgesmall[server]').")
+    try:
+        from . import server
+    except ImportError as e:
+        p.set_defaults(func=_serve_unavailable(str(e)), subparser=p)
+    else:
+        server.add_arguments(p)
+        p.set_defaults(func=server.run, subparser=p)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+
+        return __version__
+    except ImportError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error
+    from . import download
+
+    try:
+        from .config import ModelLoadError
+    except ImportError:  # pragma: no cover
+        ModelLoadError = ValueError  # noqa: N806
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, download.DownloadError, FileNotFoundError, ModelLoadError) as e:
+        print(f"{PROG} {args.command}: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. `bgesmall embed ... | head`: the reader left; not an error of ours
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except OSError:
+            pass
+        return 0
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
