@@ -1,0 +1,185 @@
+"""bgesmall against the engines users pick today, on the same weights, texts and thread count.
+
+    python benchmarks/bench.py [--model DIR] [--threads N] [--engines bgesmall,ort-fp32,...] [--quick]
+                               [--workloads corpus,sts,query] [--profile] [--markdown FILE]
+
+Each (engine, workload) runs in its own subprocess (benchmarks/worker.py) so peak RSS and start-up are clean;
+each engine first gets two start-only processes (cold, then warm; for bgesmall "cold" means an empty
+NUMBA_CACHE_DIR). Prints one markdown table per workload plus start-up and the sgemm roofline.
+--quick: 1/5 of the texts, 1 repeat: for developing, not for figures.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import report
+import roofline
+import workloads
+from checkpoint import CACHE_DIR, find_checkpoint
+from engines import ENGINES
+
+WORKER = Path(__file__).resolve().parent / "worker.py"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def missing_modules(engine) -> list[str]:
+    return [m for m in engine.needs + (("onnx", "torch", "transformers") if engine.needs_onnx else ())
+            if importlib.util.find_spec(m) is None]
+
+
+def run_worker(engine: str, workload: str, args, ckpt, env: dict, save: Path | None = None) -> dict:
+    cmd = [sys.executable, str(WORKER), "--engine", engine, "--model", str(ckpt.path), "--threads", str(args.threads),
+           "--workload", workload, "--stsb", str(args.stsb), "--repeats", str(args.repeats),
+           "--budget", str(args.budget), "--query-repeats", str(args.query_repeats)]
+    if args.quick:
+        cmd.append("--quick")
+    if save:
+        cmd += ["--save", str(save)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-6:])
+        return {"engine": engine, "workload": workload, "error": f"exit {p.returncode}: {tail}"}
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["process_wall_s"] = wall
+    return res
+
+
+def machine_info(threads: int) -> dict:
+    from threadpoolctl import threadpool_info
+
+    model = "?"
+    try:
+        for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if ln.startswith("Model name:"):
+                model = ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx2", "fma") if f" {f}" in flags]
+    blas = [f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')}, {p.get('num_threads')} threads)"
+            for p in threadpool_info() if p.get("user_api") == "blas"]
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    return {
+        "cpu": model, "cores": os.cpu_count(), "isa": isa, "threads": threads,
+        "python": platform.python_version(), "numpy": np.__version__, "numpy_blas": blas,
+        "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.get(k)},
+        "loadavg": load,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model folder (default: real bge-small via bgesmall.locate, else the "
+                                    "bge-small-shaped synthetic checkpoint, made once under benchmarks/.cache/)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every engine (default: all cores)")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
+    ap.add_argument("--workloads", default="corpus,sts,query", help="comma list of corpus, sts, query")
+    ap.add_argument("--quick", action="store_true", help="1/5 of the texts and one repeat: for development only")
+    ap.add_argument("--shared", help="the folder holding data/stsb-dev.tsv (default: $BGESMALL_SHARED, "
+                                     "../shared beside the repo, /work/shared)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per workload; the median is reported")
+    ap.add_argument("--budget", type=float, default=60.0, help="stop repeating a workload once it has taken this long")
+    ap.add_argument("--query-repeats", type=int, default=300)
+    ap.add_argument("--profile", action="store_true",
+                    help="also time bgesmall and ort-fp32 per length-sorted batch of 32 of the corpus")
+    ap.add_argument("--markdown", help="also write the report to this file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.budget = 1, min(args.budget, 20.0)
+    args.stsb = Path(args.shared) / "data" / "stsb-dev.tsv" if args.shared else workloads.default_stsb_path()
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        ap.error(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
+    wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
+
+    ckpt = find_checkpoint(args.model)
+    log(f"model {ckpt.path} ({'random bge-shaped weights' if ckpt.synthetic else 'trained weights'})")
+    wl = workloads.build(args.quick, args.stsb)
+    stats = report.token_stats(ckpt, wl)
+
+    skipped = {}
+    for e in list(engines):
+        miss = missing_modules(ENGINES[e])
+        if miss:
+            skipped[e] = f"not installed: {', '.join(miss)}"
+    if any(ENGINES[e].needs_onnx and e not in skipped for e in engines):
+        try:
+            from export_onnx import ensure_onnx
+
+            ensure_onnx(ckpt, log=log)
+        except Exception as exc:  # noqa: BLE001 - any export failure only skips the ONNX peers
+            for e in engines:
+                if ENGINES[e].needs_onnx and e not in skipped:
+                    skipped[e] = f"ONNX export failed: {type(exc).__name__}: {exc}"
+    for e, why in skipped.items():
+        log(f"skipping {e}: {why}")
+    engines = [e for e in engines if e not in skipped]
+
+    info = machine_info(args.threads)
+    log(f"sgemm roofline, {args.threads} threads")
+    roof = roofline.measure(ckpt, args.threads)
+    log(f"  {roof.gflops:.0f} GFLOP/s ({', '.join(f'{t} tok: {g:.0f}' for t, g in roof.by_tokens.items())})")
+
+    run_dir = CACHE_DIR / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for e in engines:
+        env = dict(os.environ)  # OPENBLAS_CORETYPE & co. are passed through untouched, and recorded
+        tmp = None
+        if e == "bgesmall":
+            tmp = tempfile.TemporaryDirectory(prefix="bench-numba-")
+            env["NUMBA_CACHE_DIR"] = tmp.name  # empty: the first start compiles every kernel
+        r = results[e] = {}
+        for label in ("start_cold", "start_warm"):
+            log(f"{e}: {label}")
+            r[label] = run_worker(e, "start", args, ckpt, env)
+        for w in wanted + (["profile"] if args.profile and e in ("bgesmall", "ort-fp32") else []):
+            log(f"{e}: {w}")
+            save = run_dir / f"{e}-{w}.npy" if w in ("corpus", "sts") else None
+            r[w] = run_worker(e, w, args, ckpt, env, save)
+            if "error" in r[w]:
+                log(f"  error: {r[w]['error']}")
+            elif "median_s" in r[w]:
+                log(f"  {r[w]['n'] / r[w]['median_s']:.1f} texts/s")
+            elif "p50_s" in r[w]:
+                log(f"  p50 {r[w]['p50_s'] * 1e3:.2f} ms")
+        if tmp:
+            tmp.cleanup()
+
+    accuracy = report.accuracy(run_dir, engines, wanted)
+    text = report.render(args, argv if argv is not None else sys.argv[1:], ckpt, info, roof, stats, results,
+                         accuracy, skipped, wanted)
+    (run_dir / "results.json").write_text(json.dumps(
+        {"machine": info, "roofline": roof.__dict__, "stats": stats, "results": results, "skipped": skipped},
+        indent=1, default=str))
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+        log(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

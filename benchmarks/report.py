@@ -1,0 +1,211 @@
+"""Markdown tables from the workers' results: one per workload, start-up, the targets of issue 5, the profile."""
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+
+from checkpoint import Checkpoint
+
+REFERENCE_ORDER = ("sentence-transformers", "ort-fp32", "bgesmall")  # accuracy reference: the first one that ran
+
+
+def token_lengths(ckpt: Checkpoint, texts: list[str]) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ckpt.path / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(ckpt.max_tokens)
+    return np.array([len(e.ids) for e in tok.encode_batch(texts)])
+
+
+def token_stats(ckpt: Checkpoint, wl: dict) -> dict:
+    out = {}
+    for name, w in wl.items():
+        lens = token_lengths(ckpt, w.texts)
+        out[name] = {"n": len(lens), "tokens": int(lens.sum()), "mean": float(lens.mean()),
+                     "median": float(np.median(lens)), "p90": float(np.percentile(lens, 90)), "max": int(lens.max()),
+                     "flops": float(sum(ckpt.flops_per_text(int(n)) for n in lens))}
+    return out
+
+
+def accuracy(run_dir: Path, engines: list[str], workloads: list[str]) -> dict:
+    """workload -> engine -> (min cosine, max abs diff) against the reference engine's embeddings."""
+    out = {}
+    for w in ("corpus", "sts"):
+        if w not in workloads:
+            continue
+        embs = {e: np.load(run_dir / f"{e}-{w}.npy") for e in engines if (run_dir / f"{e}-{w}.npy").is_file()}
+        ref = next((e for e in REFERENCE_ORDER if e in embs), None)
+        if ref is None:
+            continue
+        r = embs[ref] / np.linalg.norm(embs[ref], axis=1, keepdims=True)
+        out[w] = {"reference": ref}
+        for e, x in embs.items():
+            if x.shape != r.shape:
+                out[w][e] = None
+                continue
+            xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+            out[w][e] = (float(np.min(np.sum(xn * r, axis=1))), float(np.max(np.abs(x - embs[ref]))))
+    return out
+
+
+def _f(x, fmt="{:.1f}"):
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
+
+
+def render(args, argv, ckpt, info, roof, stats, results, acc, skipped, wanted) -> str:
+    L = []
+    add = L.append
+    add(f"## bgesmall benchmark, {time.strftime('%Y-%m-%d %H:%M')}{' (--quick: development run)' if args.quick else ''}")
+    add("")
+    add(f"- command: `python benchmarks/bench.py {shlex.join(argv)}`".replace(" `", " `", 1))
+    kind = "random bge-small-shaped weights (same compute as the trained model)" if ckpt.synthetic else "trained weights"
+    add(f"- model: `{ckpt.path.name}`, {kind}; {ckpt.num_hidden_layers} layers, hidden {ckpt.hidden_size}, "
+        f"FFN {ckpt.intermediate_size}, {ckpt.pooling} pooling, truncation at {ckpt.max_tokens} tokens")
+    env = ", ".join(f"{k}={v}" for k, v in info["env"].items()) or "OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE not set"
+    add(f"- machine: {info['cpu']}, {info['cores']} cores ({', '.join(info['isa'])}); {info['threads']} threads for "
+        f"every engine; Python {info['python']}, numpy {info['numpy']} with {'; '.join(info['numpy_blas'])}; {env}")
+    add(f"- load average at start: {', '.join(f'{x:.2f}' for x in info['loadavg'])} (the cores are shared: "
+        "compare ratios within one run, not figures across runs)")
+    add(f"- float32 roofline: numpy sgemm on one layer's four linear GEMMs, {roof.threads} threads: "
+        f"**{roof.gflops:.0f} GFLOP/s** ({', '.join(f'{t} tokens: {g:.0f}' for t, g in roof.by_tokens.items())}); "
+        "ceiling texts/s = that rate / real FLOPs per text (linear + attention matmuls, no padding)")
+    for e, why in skipped.items():
+        add(f"- skipped {e}: {why}")
+    descr = {e: next((r[w]["describe"] for w in r if isinstance(r[w], dict) and r[w].get("describe")), "")
+             for e, r in results.items()}
+    for e, d in descr.items():
+        add(f"- {e}: {d}")
+    add("")
+
+    def rate(e, w):
+        r = results.get(e, {}).get(w, {})
+        return r["n"] / r["median_s"] if r.get("median_s") else None
+
+    for w in ("corpus", "sts"):
+        if w not in wanted:
+            continue
+        s = stats[w]
+        add(f"### {w}: {s['n']} texts, tokens mean {s['mean']:.1f}, median {s['median']:.0f}, p90 {s['p90']:.0f}, "
+            f"max {s['max']} ({s['tokens']} in all)")
+        add("")
+        ref = acc.get(w, {}).get("reference", "-")
+        add(f"| engine | texts/s | tokens/s | useful GFLOP/s | % of roofline | texts/s peer / bgesmall | peak RSS MB "
+            f"| min cos vs {ref} | runs |")
+        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        ceiling = roof.gflops * 1e9 / (s["flops"] / s["n"])
+        base = rate("bgesmall", w)
+        for e, r in results.items():
+            x = r.get(w, {})
+            if "error" in x:
+                add(f"| {e} | error: {x['error'].splitlines()[-1][:120]} |||||||")
+                continue
+            t = rate(e, w)
+            if t is None:
+                continue
+            cos = acc.get(w, {}).get(e)
+            add(f"| {e} | {t:.1f} | {t * s['tokens'] / s['n']:.0f} | {t * s['flops'] / s['n'] / 1e9:.0f} | "
+                f"{100 * t / ceiling:.0f}% | {_f(t / base if base else None, '{:.2f}x')} | {x['rss_mb']:.0f} | "
+                f"{_f(cos[0] if cos else None, '{:.5f}')} | {len(x['times_s'])} |")
+        add(f"| *sgemm roofline* | *{ceiling:.1f}* | *{ceiling * s['tokens'] / s['n']:.0f}* | *{roof.gflops:.0f}* "
+            f"| *100%* | | | | |")
+        add("")
+
+    if "query" in wanted:
+        add(f"### query: {workloads_query()!r} (7 tokens), one text per call")
+        add("")
+        add("| engine | p50 ms | p99 ms | queries/s | p50 peer / bgesmall | peak RSS MB | calls |")
+        add("|---|---:|---:|---:|---:|---:|---:|")
+        b = results.get("bgesmall", {}).get("query", {}).get("p50_s")
+        for e, r in results.items():
+            x = r.get("query", {})
+            if "error" in x:
+                add(f"| {e} | error: {x['error'].splitlines()[-1][:120]} ||||||")
+            elif "p50_s" in x:
+                add(f"| {e} | {x['p50_s'] * 1e3:.2f} | {x['p99_s'] * 1e3:.2f} | {1 / x['mean_s']:.0f} | "
+                    f"{_f(x['p50_s'] / b if b else None, '{:.2f}x')} | {x['rss_mb']:.0f} | {x['n']} |")
+        add("")
+
+    add("### start: import + load + first embedding, in a fresh process")
+    add("")
+    add("| engine | cold s | warm s | load s (warm) | first embedding s (warm) | RSS after first embedding MB |")
+    add("|---|---:|---:|---:|---:|---:|")
+    for e, r in results.items():
+        c, wm = r.get("start_cold", {}), r.get("start_warm", {})
+        if "error" in c or "error" in wm:
+            add(f"| {e} | error: {(c.get('error') or wm.get('error')).splitlines()[-1][:120]} |||||")
+            continue
+        add(f"| {e} | {c['start_s']:.2f} | {wm['start_s']:.2f} | {wm['load_s']:.2f} | {wm['first_embed_s']:.3f} | "
+            f"{wm['rss_mb']:.0f} |")
+    add("")
+    add("Cold: the first start of this run (for bgesmall with an empty NUMBA_CACHE_DIR, so every kernel compiles); "
+        "warm: a second process right after (numba cache filled). The OS file cache is warm for both.")
+    add("")
+    add(targets(results, stats, roof, rate))
+    prof = profile_table(results, ckpt)
+    if prof:
+        add(prof)
+    return "\n".join(L)
+
+
+def workloads_query() -> str:
+    import workloads
+
+    return workloads.QUERY
+
+
+def targets(results, stats, roof, rate) -> str:
+    """The targets of issue 5, measured in this run."""
+    L = ["### targets of issue 5, this run", "", "| target | measured | met |", "|---|---:|:---:|"]
+
+    def row(what, value, ok, fmt):
+        L.append(f"| {what} | {_f(value, fmt)} | {'n/a' if value is None else ('yes' if ok(value) else 'no')} |")
+
+    b, o = rate("bgesmall", "corpus"), rate("ort-fp32", "corpus")
+    row("corpus: bgesmall / ort-fp32 texts/s >= 2.5", b / o if b and o else None, lambda v: v >= 2.5, "{:.2f}x")
+    if b and "corpus" in stats:
+        ceiling = roof.gflops * 1e9 / (stats["corpus"]["flops"] / stats["corpus"]["n"])
+        row("corpus: fraction of roofline >= 75%", 100 * b / ceiling, lambda v: v >= 75, "{:.0f}%")
+    b, o = rate("bgesmall", "sts"), rate("ort-fp32", "sts")
+    row("sts: bgesmall / ort-fp32 texts/s >= 1.0", b / o if b and o else None, lambda v: v >= 1.0, "{:.2f}x")
+    bq = results.get("bgesmall", {}).get("query", {}).get("p50_s")
+    oq = results.get("ort-fp32", {}).get("query", {}).get("p50_s")
+    row("query p50: bgesmall / ort-fp32 <= 0.5", bq / oq if bq and oq else None, lambda v: v <= 0.5, "{:.2f}x")
+    rss = results.get("bgesmall", {}).get("corpus", {}).get("rss_mb")
+    row("corpus peak RSS <= 400 MB", rss, lambda v: v <= 400, "{:.0f} MB")
+    ws = results.get("bgesmall", {}).get("start_warm", {}).get("start_s")
+    row("warm start (import + load + first embedding) <= 1 s", ws, lambda v: v <= 1.0, "{:.2f} s")
+    cs = results.get("bgesmall", {}).get("start_cold", {}).get("start_s")
+    L.append(f"| cold start, empty numba cache (reported) | {_f(cs, '{:.2f} s')} | |")
+    L.append("")
+    return "\n".join(L)
+
+
+def profile_table(results, ckpt) -> str:
+    """Per length-sorted batch of 32 of the corpus: where each engine spends its time."""
+    runs = {e: results[e]["profile"]["batches"] for e in ("bgesmall", "ort-fp32")
+            if "batches" in results.get(e, {}).get("profile", {})}
+    if not runs:
+        return ""
+    L = ["### profile: the corpus in length-sorted batches of 32, each timed alone (best of up to 3)", ""]
+    names = list(runs)
+    L.append("| batch | max len | real tokens | padded tokens | "
+             + " | ".join(f"{e} ms | {e} useful GFLOP/s" for e in names) + " |")
+    L.append("|---:|---:|---:|---:|" + "---:|---:|" * len(names))
+    first = runs[names[0]]
+    totals = {e: 0.0 for e in names}
+    for i, bt in enumerate(first):
+        cells = []
+        for e in names:
+            x = runs[e][i]
+            totals[e] += x["seconds"]
+            cells += [f"{x['seconds'] * 1e3:.0f}", f"{x['useful_flops'] / x['seconds'] / 1e9:.0f}"]
+        L.append(f"| {i} | {bt['max_len']} | {bt['real_tokens']} | {bt['padded_tokens']} | " + " | ".join(cells) + " |")
+    flops = sum(b["useful_flops"] for b in first)
+    L.append("| all | | " + f"{sum(b['real_tokens'] for b in first)} | {sum(b['padded_tokens'] for b in first)} | "
+             + " | ".join(f"{totals[e] * 1e3:.0f} | {flops / totals[e] / 1e9:.0f}" for e in names) + " |")
+    L.append("")
+    return "\n".join(L)

@@ -1,0 +1,51 @@
+"""The float32 matmul ceiling of this machine: numpy's sgemm on the model's own GEMM shapes.
+
+ceiling texts/s = measured sgemm FLOP/s / FLOPs of the average text of the workload (linear + attention
+matmuls at the texts' real lengths, no padding: see Checkpoint.flops_per_text). No engine doing the same
+float32 arithmetic can beat it by much; an engine's "fraction of roofline" is its texts/s over this ceiling.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Roofline:
+    gflops: float  # best sgemm rate over the token counts tried, GFLOP/s
+    by_tokens: dict  # tokens -> GFLOP/s, one encoder layer's four linear GEMMs
+    threads: int
+
+
+def layer_gemms(ckpt: Checkpoint, tokens: int, rng) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The four linear GEMMs of one layer at `tokens` rows: (a, b, out) with out = a @ b."""
+    h, i = ckpt.hidden_size, ckpt.intermediate_size
+    shapes = [(h, 3 * h), (h, h), (h, i), (i, h)]  # QKV, attention output, FFN up, FFN down
+    return [(rng.standard_normal((tokens, k), np.float32), rng.standard_normal((k, n), np.float32),
+             np.empty((tokens, n), np.float32)) for k, n in shapes]
+
+
+def measure(ckpt: Checkpoint, threads: int, token_counts=(256, 1024, 4096), seconds: float = 1.0) -> Roofline:
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    by_tokens = {}
+    with threadpool_limits(threads):
+        for t in token_counts:
+            gemms = layer_gemms(ckpt, t, rng)
+            flops = sum(2.0 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in gemms)
+            for a, b, out in gemms:  # warm-up
+                np.matmul(a, b, out=out)
+            rates = []
+            t_end = time.perf_counter() + seconds
+            while time.perf_counter() < t_end or len(rates) < 3:
+                t0 = time.perf_counter()
+                for a, b, out in gemms:
+                    np.matmul(a, b, out=out)
+                rates.append(flops / (time.perf_counter() - t0) / 1e9)
+            by_tokens[t] = float(np.median(rates))
+    return Roofline(gflops=max(by_tokens.values()), by_tokens=by_tokens, threads=threads)
