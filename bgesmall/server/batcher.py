@@ -2,9 +2,10 @@
 
 Each request hands the batcher its sequences as token ids (without [CLS]/[SEP], already validated and
 truncated by the app) and awaits exactly its own rows back. A single worker coroutine packs waiting
-sequences, oldest request first, into one call under a token budget; it waits at most `max_wait_ms` after
-the first arrival for company, and while a forward pass runs new requests simply queue up, so under load
-the next batch is whatever arrived meanwhile. The model runs on one worker thread (off the event loop), so
+sequences, oldest request first, into one call under a token budget. While a forward pass runs, new
+requests queue up, so under load the next batch is whatever arrived meanwhile; an idle batcher gives the
+first arrival at most `max_wait_ms` for company, and only when the previous pass was shared (a lone client
+sending one request at a time pays no wait). The model runs on one worker thread (off the event loop), so
 the server keeps accepting connections and the model never runs two batches at once.
 
 If a packed batch fails as a whole, each request in it is retried on its own, so one bad request can only
@@ -78,6 +79,7 @@ class Batcher:
         self._waiting: collections.deque[_Job] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._last_batch_requests = 0  # requests served by the previous forward pass
 
     # -- lifecycle (called from the app's lifespan, on the event loop) --------------------------------------
     async def start(self) -> None:
@@ -131,6 +133,7 @@ class Batcher:
             batch = self._pack()
             if not batch:
                 continue
+            self._last_batch_requests = len(batch)
             flat = [seq for job, start, stop in batch for seq in job.ids[start:stop]]
             self._count_batch(len(flat))
             try:
@@ -144,7 +147,13 @@ class Batcher:
                 row += stop - start
 
     async def _wait_for_company(self) -> None:
-        """Give the oldest request up to max_wait_ms (from its arrival) for others to join it."""
+        """Give the oldest request up to max_wait_ms (from its arrival) for others to join it.
+
+        Only when there is company to expect: if the previous forward pass served a single request and no
+        other is waiting, clients are arriving one at a time and waiting would only add latency.
+        """
+        if self._last_batch_requests <= 1 and len(self._waiting) <= 1:
+            return
         deadline = self._waiting[0].arrived + self.config.max_wait_ms / 1000.0
         while not self._budget_full():
             remaining = deadline - time.monotonic()
