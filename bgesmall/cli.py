@@ -353,8 +353,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
 class _DownloadBar:
-    """One line per file on a terminal: name, percent, MB done/total, MB/s."""
+    """One line per file on a terminal: name, bar, percent, size done/total, speed."""
 
     def __init__(self, stream: IO[str]):
         self.stream, self.name, self.start, self.last = stream, None, 0.0, 0.0
@@ -366,12 +374,12 @@ class _DownloadBar:
         if now - self.last < 0.1 and done < total:
             return
         self.last = now
-        rate = done / max(now - self.start, 1e-6) / 1e6
+        elapsed = now - self.start
+        rate = f"{_human(done / elapsed)}/s" if elapsed > 0.2 else ""
         pct = 100 * done / total if total else 100
-        width = 24
-        fill = int(width * pct / 100)
-        self.stream.write(f"\r{name[:28]:<28} [{'#' * fill}{'.' * (width - fill)}] {pct:5.1f}% "
-                          f"{done / 1e6:7.1f}/{total / 1e6:.1f} MB {rate:6.1f} MB/s")
+        fill = int(24 * pct / 100)
+        self.stream.write(f"\r{name[:28]:<28} [{'#' * fill}{'.' * (24 - fill)}] {pct:5.1f}% "
+                          f"{_human(done):>9} / {_human(total):<9} {rate:<12}")
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()
@@ -397,20 +405,15 @@ def cmd_download(args: argparse.Namespace) -> int:
                            f"{', '.join(r.name + ' ' + r.status for r in bad)}; run `bgesmall download --to {dest}`")
         print(f"{dest}: verified against the pinned hashes of {manifest.repo_id}@{manifest.revision[:12]}")
         return 0
-    tty = sys.stderr.isatty() and not args.quiet
-    print(f"{PROG} download: {manifest.repo_id}@{manifest.revision[:12]} from {download.hub_endpoint()} to {dest}",
-          file=sys.stderr)
-    reports = download.download(
-        dest,
-        manifest,
-        progress=_DownloadBar(sys.stderr) if tty else None,
-        log=None if (tty or args.quiet) else (lambda msg: print(f"  {msg}", file=sys.stderr)),
-    )
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"{PROG} download: {msg}", file=sys.stderr))
+    say(f"{manifest.repo_id}@{manifest.revision[:12]} from {download.hub_endpoint()} to {dest}")
+    tty = sys.stderr.isatty() and not args.quiet  # a progress bar on a terminal, nothing per file otherwise
+    reports = download.download(dest, manifest, progress=_DownloadBar(sys.stderr) if tty else None, log=say)
     kept = [r for r in reports if r.status != "absent"]
     fetched = sum(r.size for r in reports if r.status == "downloaded")
-    print(f"{PROG} download: {len(kept)} files verified in {dest} ({fetched / 1e6:.1f} MB downloaded, "
-          f"{sum(r.status == 'verified' for r in reports)} already there)", file=sys.stderr)
-    print(dest)
+    say(f"{len(kept)} files verified in {dest} ({_human(fetched)} downloaded, "
+        f"{sum(r.status == 'verified' for r in reports)} already there)")
+    print(dest)  # stdout: the folder, for scripts (MODEL=$(bgesmall download -q))
     return 0
 
 

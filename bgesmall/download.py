@@ -525,5 +525,4 @@ def download(
             continue
         _fetch_file(dest, spec, remote, endpoint=endpoint, token=token, progress=progress, retries=retries)
         reports.append(FileReport(spec.name, "downloaded", remote.size))
-        log(f"{spec.name}: {remote.size} bytes, verified")
     return reports
