@@ -17,6 +17,7 @@ With the pinned manifest below, the hashes are also held to values recorded here
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -28,7 +29,12 @@ import urllib.request
 from dataclasses import dataclass
 from http.client import HTTPException, HTTPResponse
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 REPO_ID = "BAAI/bge-small-en-v1.5"
 REVISION = "5c38ec7c405ec4b44b94cc5a9bb96e735b38267a"  # the repo's main at the time of pinning (2024-02)
@@ -509,20 +515,42 @@ def download(
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cannot create {dest}: {e.strerror}. Choose another folder with --to DIR.") from e
-    for spec in todo:
-        remote = fetch_metadata(manifest, spec.name, endpoint=endpoint, token=token)
-        if remote is None:
-            reports.append(FileReport(spec.name, "absent"))
-            continue
-        if spec.sha256 is not None and remote.sha256 is not None and remote.sha256 != spec.sha256:
-            raise ChecksumError(
-                f"the hub at {endpoint} announces sha256 {remote.sha256} for {spec.name}, but revision "
-                f"{manifest.revision[:12]} is pinned to {spec.sha256}; nothing downloaded. Check HF_ENDPOINT."
-            )
-        final = dest / spec.name
-        if spec.sha256 is None and final.is_file() and _mismatch(final, None, remote) is None:
-            reports.append(FileReport(spec.name, "verified", remote.size))
-            continue
-        _fetch_file(dest, spec, remote, endpoint=endpoint, token=token, progress=progress, retries=retries)
-        reports.append(FileReport(spec.name, "downloaded", remote.size))
+    with _folder_lock(dest):  # two processes fetching into one folder (e.g. server workers on first use) take turns
+        for spec in todo:
+            final = dest / spec.name
+            if spec.sha256 is not None and final.is_file() and _mismatch(final, spec.sha256, None) is None:
+                reports.append(FileReport(spec.name, "verified", final.stat().st_size))  # done while we waited
+                continue
+            reports.append(_download_one(dest, manifest, spec, endpoint=endpoint, token=token, progress=progress,
+                                         retries=retries))
     return reports
+
+
+@contextlib.contextmanager
+def _folder_lock(dest: Path) -> Iterator[None]:
+    if fcntl is None:  # not POSIX: no lock
+        yield
+        return
+    fd = os.open(dest, os.O_RDONLY)  # the folder itself is the lock: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _download_one(dest: Path, manifest: Manifest, spec: RepoFile, *, endpoint: str, token: str | None,
+                  progress: ProgressFn | None, retries: int) -> FileReport:
+    remote = fetch_metadata(manifest, spec.name, endpoint=endpoint, token=token)
+    if remote is None:
+        return FileReport(spec.name, "absent")
+    if spec.sha256 is not None and remote.sha256 is not None and remote.sha256 != spec.sha256:
+        raise ChecksumError(
+            f"the hub at {endpoint} announces sha256 {remote.sha256} for {spec.name}, but revision "
+            f"{manifest.revision[:12]} is pinned to {spec.sha256}; nothing downloaded. Check HF_ENDPOINT."
+        )
+    final = dest / spec.name
+    if spec.sha256 is None and final.is_file() and _mismatch(final, None, remote) is None:
+        return FileReport(spec.name, "verified", remote.size)
+    _fetch_file(dest, spec, remote, endpoint=endpoint, token=token, progress=progress, retries=retries)
+    return FileReport(spec.name, "downloaded", remote.size)

@@ -148,6 +148,30 @@ def test_corrupted_file_is_rejected_and_nothing_kept(tmp_path, name):
     assert not dest.exists() or not any(p.name.endswith(".part") for p in dest.rglob("*"))
 
 
+def test_two_downloads_into_one_folder_take_turns(tmp_path):
+    import threading
+
+    files = sample_files()
+    manifest = pinned(files)
+    errors = []
+
+    def fetch(url):
+        try:
+            dl.download(tmp_path / "m", manifest, endpoint=url)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with FakeHub(files, repo_id=dl.REPO_ID, revision=dl.REVISION) as hub:
+        threads = [threading.Thread(target=fetch, args=(hub.url,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        model_gets = hub.state.gets("/cdn/" + hashlib.sha256(files["model.safetensors"]).hexdigest())
+    assert errors == [] and len(model_gets) == 1  # the second found the first's verified files
+    assert files_in(tmp_path / "m") == sorted(files)
+
+
 def test_offline_makes_no_request(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with FakeHub() as hub, pytest.raises(dl.OfflineError, match="HF_HUB_OFFLINE=1"):
