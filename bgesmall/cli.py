@@ -12,7 +12,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO
+from collections.abc import Iterable, Iterator
 
 PROG = "bgesmall"
 NPY_HEADER_BYTES = 128  # fixed .npy header size, so the row count can be filled in after streaming the rows

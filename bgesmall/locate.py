@@ -30,7 +30,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 class ModelNotFoundError(FileNotFoundError):
     """No local copy of the model; the message lists the places looked at and what to run."""
 
-    def __init__(self, message: str, searched: list["Place"]):
+    def __init__(self, message: str, searched: list[Place]):
         super().__init__(message)
         self.searched = searched
 

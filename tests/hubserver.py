@@ -182,9 +182,10 @@ class FakeHub:
         self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state, "cdn"))
         self.url = f"http://127.0.0.1:{self._hub.server_address[1]}"
         self.state.cdn_url = f"http://127.0.0.1:{self._cdn.server_address[1]}"
-        self._threads = [threading.Thread(target=s.serve_forever, args=(0.02,), daemon=True) for s in (self._hub, self._cdn)]
+        self._threads = [threading.Thread(target=s.serve_forever, args=(0.02,), daemon=True)
+                         for s in (self._hub, self._cdn)]
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         for t in self._threads:
             t.start()
         return self

@@ -38,7 +38,8 @@ def files_in(folder: Path) -> list[str]:
 
 def pinned(files: dict[str, bytes], repo_id=dl.REPO_ID, revision=dl.REVISION) -> dl.Manifest:
     """A manifest pinning these files' sha256, like BGE_SMALL pins the real ones."""
-    return dl.Manifest(repo_id, revision, tuple(dl.RepoFile(n, hashlib.sha256(b).hexdigest()) for n, b in files.items()))
+    specs = tuple(dl.RepoFile(n, hashlib.sha256(b).hexdigest()) for n, b in files.items())
+    return dl.Manifest(repo_id, revision, specs)
 
 
 def test_clean_download(tmp_path):
@@ -211,6 +212,16 @@ def test_pinned_manifest_refuses_other_bytes_than_the_pinned_ones(tmp_path):
     assert not any((tmp_path / "m").rglob("*.json")) and not any((tmp_path / "m").rglob("*.safetensors"))
 
 
+def test_pinned_size_mismatch_is_refused_before_downloading(tmp_path):
+    files = sample_files()
+    manifest = dl.Manifest(dl.REPO_ID, dl.REVISION, tuple(
+        dl.RepoFile(n, hashlib.sha256(b).hexdigest(), len(b) + (n == "model.safetensors")) for n, b in files.items()))
+    with FakeHub(files, repo_id=dl.REPO_ID, revision=dl.REVISION) as hub:
+        with pytest.raises(dl.ChecksumError, match="announces size 300000 for model.safetensors"):
+            dl.download(tmp_path / "m", manifest, endpoint=hub.url)
+        assert hub.state.gets("", "cdn") == []
+
+
 def test_pinned_file_tampered_locally_is_fetched_again(tmp_path):
     files = sample_files()
     manifest = pinned(files)
@@ -251,7 +262,8 @@ def test_bge_manifest_names_the_pinned_revision():
     names = {f.name for f in dl.BGE_SMALL.files}
     assert {"config.json", "model.safetensors", "tokenizer.json", "modules.json", "1_Pooling/config.json",
             "sentence_bert_config.json"} <= names
-    assert all(len(f.sha256) == 64 for f in dl.BGE_SMALL.files)
+    assert all(len(f.sha256) == 64 and f.size > 0 for f in dl.BGE_SMALL.files)
+    assert {f.name: f.size for f in dl.BGE_SMALL.files}["model.safetensors"] == 133_466_304
     assert dl.resolve_url("https://huggingface.co", dl.REPO_ID, dl.REVISION, "1_Pooling/config.json") == (
         "https://huggingface.co/BAAI/bge-small-en-v1.5/resolve/5c38ec7c405ec4b44b94cc5a9bb96e735b38267a/"
         "1_Pooling/config.json"
