@@ -2,7 +2,7 @@
 
 It answers like the real hub does for `{endpoint}/{repo}/resolve/{revision}/{filename}`:
 - small (git) files: 200 with `ETag: "<git blob sha1>"`, `Content-Length`, `X-Repo-Commit`;
-- large (LFS) files: 302 to a second server on another port (the "CDN", another origin) with
+- large (LFS) files: 302 to a second server on 127.0.0.2 (the "CDN", another host) with
   `X-Linked-Etag: "<sha256>"`, `X-Linked-Size`, `X-Repo-Commit`; the CDN serves the bytes with Range support (206);
 - 404 with `X-Error-Code` RepoNotFound / RevisionNotFound / EntryNotFound; 401 when a token is required
   and the request lacks it; a 307 within the hub for a renamed repo.
@@ -173,15 +173,25 @@ def _handler(state: HubState, server_name: str):
     return Handler
 
 
+def _cdn_server(handler) -> ThreadingHTTPServer:
+    """The CDN on another loopback host (127.0.0.2), as the real CDN is another host than the hub; clients
+    (ours and huggingface_hub) follow a redirect within the hub's host but read the metadata on one that leaves it.
+    Falls back to 127.0.0.1 (another port) where 127.0.0.2 is not routed to loopback."""
+    try:
+        return ThreadingHTTPServer(("127.0.0.2", 0), handler)
+    except OSError:
+        return ThreadingHTTPServer(("127.0.0.1", 0), handler)
+
+
 class FakeHub:
     """Two threaded servers on 127.0.0.1 (hub and CDN). Use as a context manager; `.url` is HF_ENDPOINT."""
 
     def __init__(self, files: dict[str, bytes] | None = None, **state_kwargs):
         self.state = HubState(files=dict(files if files is not None else sample_files()), **state_kwargs)
         self._hub = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state, "hub"))
-        self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state, "cdn"))
+        self._cdn = _cdn_server(_handler(self.state, "cdn"))
         self.url = f"http://127.0.0.1:{self._hub.server_address[1]}"
-        self.state.cdn_url = f"http://127.0.0.1:{self._cdn.server_address[1]}"
+        self.state.cdn_url = "http://%s:%d" % self._cdn.server_address[:2]
         self._threads = [threading.Thread(target=s.serve_forever, args=(0.02,), daemon=True)
                          for s in (self._hub, self._cdn)]
 

@@ -357,3 +357,37 @@ def test_checkout_detection_points_at_this_repo():
     if not (root / "weights").is_dir() or Path(locate.__file__).resolve().parent.parent != root:
         pytest.skip("bgesmall is not imported from this checkout")
     assert locate.checkout_root() == root
+
+
+# ---- cross-checks with the official client (a dev dependency of transformers; skipped without it) ----
+
+
+def test_the_official_client_accepts_the_fake_hub(tmp_path, monkeypatch):
+    """huggingface_hub downloads from tests/hubserver.py with the same requests as ours: the fake is hub-shaped."""
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hh = pytest.importorskip("huggingface_hub")
+    files = sample_files()
+    with FakeHub(files) as hub:
+        for name in ("config.json", "model.safetensors"):
+            path = hh.hf_hub_download(REPO_ID, name, revision=REVISION, endpoint=hub.url, cache_dir=tmp_path / "c")
+            assert Path(path).read_bytes() == files[name]
+        theirs = [(s, m) for s, m, p, h in hub.requests]
+        hub.requests.clear()
+        dl.download(tmp_path / "ours", dl.Manifest(REPO_ID, REVISION, (dl.RepoFile("config.json"),
+                                                                        dl.RepoFile("model.safetensors"))),
+                    endpoint=hub.url)
+        ours = [(s, m) for s, m, p, h in hub.requests]
+    assert theirs == ours == [("hub", "HEAD"), ("hub", "GET"), ("hub", "HEAD"), ("cdn", "GET")]
+
+
+def test_locate_finds_a_cache_written_by_huggingface_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hh = pytest.importorskip("huggingface_hub")
+    files = sample_files()
+    with FakeHub(files, repo_id=dl.REPO_ID, revision=dl.REVISION) as hub:
+        for name in files:
+            hh.hf_hub_download(dl.REPO_ID, name, revision=dl.REVISION, endpoint=hub.url,
+                               cache_dir=tmp_path / "hf" / "hub")  # $HF_HOME/hub, as sentence-transformers does
+    found = locate.find_model_dir(download=False)
+    assert found == hf_snapshot(tmp_path, dl.REVISION)
+    assert (found / "model.safetensors").read_bytes() == files["model.safetensors"]  # through the blob symlink
