@@ -1,6 +1,7 @@
 """Load test of `bgesmall serve`: requests/s, p50 and p99 latency at several concurrencies, batching on vs off.
 
     python benchmarks/load.py --model DIR                 # starts a server with batching on, then one with it off
+    python benchmarks/load.py --synthetic                 # the same on a random-weight bge-small-shaped checkpoint
     python benchmarks/load.py --url http://127.0.0.1:8000 # measures a server you started (one column)
 
 Each of C clients sends one short sentence per request (POST /v1/embeddings, encoding_format float), waits for
@@ -16,10 +17,12 @@ import argparse
 import asyncio
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -208,6 +211,9 @@ def main(argv=None) -> int:
     where.add_argument("--url", help="measure this running server (127.0.0.1/localhost only)")
     where.add_argument("--model", metavar="DIR", default=None,
                        help="start servers on this model folder (default: the one bgesmall finds)")
+    where.add_argument("--synthetic", action="store_true",
+                       help="start servers on a random-weight checkpoint with bge-small-en-v1.5's shapes "
+                            "(12 layers, 384 wide: the same compute) made in a temporary folder")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32],
                    help="comma-separated client counts (default 1,8,32)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per level (default 10)")
@@ -227,14 +233,20 @@ def main(argv=None) -> int:
         measure(args.url.rstrip("/"), args)
         return 0
 
-    by_mode = {}
-    for batching in (True, False):
-        proc, url = start_server(args.model, batching, args)
-        try:
-            print(f"batching {'on' if batching else 'off'}:", flush=True)
-            by_mode[batching] = measure(url, args)
-        finally:
-            stop_server(proc)
+    with tempfile.TemporaryDirectory(prefix="bgesmall-load-") as tmp:
+        model_dir = args.model
+        if args.synthetic:
+            from bgesmall.synthetic import make_checkpoint
+
+            model_dir = str(make_checkpoint(pathlib.Path(tmp) / "bge-small-synthetic", preset="bge-small"))
+        by_mode = {}
+        for batching in (True, False):
+            proc, url = start_server(model_dir, batching, args)
+            try:
+                print(f"batching {'on' if batching else 'off'}:", flush=True)
+                by_mode[batching] = measure(url, args)
+            finally:
+                stop_server(proc)
 
     print("\nsummary (one run; req/s, p50/p99 ms)")
     print(f"{'clients':>7} | {'on req/s':>9} {'p50':>7} {'p99':>7} | {'off req/s':>9} {'p50':>7} {'p99':>7} | "

@@ -333,6 +333,30 @@ def test_batcher_splits_big_requests_and_isolates_failures():
     assert stats.retried_alone >= 1
 
 
+def test_batcher_lets_small_requests_take_turns_with_a_large_one():
+    calls = []
+
+    def embed(ids):
+        calls.append(sorted({x[0] for x in ids}))
+        return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
+
+    async def scenario():
+        b = Batcher(embed, dim=2, config=BatchingConfig(max_batch_tokens=10, max_wait_ms=0))
+        await b.start()
+        try:
+            big = asyncio.ensure_future(b.submit([[7] * 6] * 4))  # four sequences of 8 tokens: four passes
+            await asyncio.sleep(0)
+            small = asyncio.ensure_future(b.submit([[1]]))
+            return await asyncio.wait_for(asyncio.gather(big, small), 10)
+        finally:
+            await b.stop()
+
+    big, small = asyncio.run(scenario())
+    np.testing.assert_array_equal(big, [[7, 6]] * 4)
+    np.testing.assert_array_equal(small, [[1, 1]])
+    assert calls.index([1]) < len(calls) - 1  # served before the large request's last turn
+
+
 def test_batching_off_gives_the_same_vectors(model):
     from fastapi.testclient import TestClient
 

@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     batching = parser.add_argument_group("dynamic batching")
     batching.add_argument("--no-batching", action="store_true",
                           help="run every request as its own forward pass")
-    batching.add_argument("--max-batch-tokens", type=int, default=8192, metavar="N",
-                          help="token budget of one forward pass, [CLS]/[SEP] included (default 8192)")
+    batching.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N",
+                          help="token budget of one forward pass, [CLS]/[SEP] included; larger requests are "
+                               "split into turns of this size (default 2048)")
     batching.add_argument("--max-batch-size", type=int, default=256, metavar="N",
                           help="most inputs in one forward pass (default 256)")
     batching.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",

@@ -31,9 +31,10 @@ EmbedFn = Callable[[Sequence[Sequence[int]]], np.ndarray]
 @dataclass(frozen=True)
 class BatchingConfig:
     enabled: bool = True
-    # Upper bound on tokens (incl. [CLS]/[SEP]) in one forward pass: bounds the latency a small request can
-    # suffer behind a large one and the activation memory. A single longer sequence still runs alone.
-    max_batch_tokens: int = 8192
+    # Upper bound on tokens (incl. [CLS]/[SEP]) in one forward pass: bounds how long a small request can
+    # wait behind a large one (which is split into turns of this size). Far above what 32 short sentences
+    # need; the engine itself spreads a pass over its worker threads.
+    max_batch_tokens: int = 2048
     # Upper bound on sequences in one forward pass.
     max_batch_size: int = 256
     # How long the first request of an idle batcher waits for others to join (milliseconds). Under load
@@ -177,8 +178,9 @@ class Batcher:
     def _pack(self) -> list[tuple[_Job, int, int]]:
         """Take sequences from the oldest requests first until the token or size budget is used up.
 
-        A request larger than the budget is split over several forward passes; the first sequence of a
-        batch is always taken, even when it alone exceeds the budget.
+        A request larger than the budget is split over several forward passes, taking turns with the
+        requests behind it; the first sequence of a batch is always taken, even when it alone exceeds the
+        budget.
         """
         batch: list[tuple[_Job, int, int]] = []
         tokens = sequences = 0
@@ -197,14 +199,18 @@ class Batcher:
                 tokens += cost
                 sequences += 1
                 stop += 1
-            if stop > start:
-                if job.out is None:
-                    job.out = np.empty((len(job.ids), self.dim), np.float32)
-                batch.append((job, start, stop))
-                job.scheduled = stop
-            if job.scheduled < len(job.ids):
-                break  # budget used up in the middle of this job: it stays at the front
+            if stop == start:
+                break  # the budget is used up: this job leads the next batch
+            if job.out is None:
+                job.out = np.empty((len(job.ids), self.dim), np.float32)
+            batch.append((job, start, stop))
+            job.scheduled = stop
             self._waiting.popleft()
+            if job.scheduled < len(job.ids):
+                # Budget used up in the middle of this job: the rest goes to the back of the line, so that
+                # requests which arrived meanwhile are not stuck behind all of a large one.
+                self._waiting.append(job)
+                break
         return batch
 
     async def _retry_alone(self, batch: list[tuple[_Job, int, int]]) -> None:
