@@ -90,7 +90,7 @@ def find_checkpoint(model: str | None) -> Checkpoint:
     try:
         from bgesmall import locate
 
-        return load_checkpoint(locate.find_model_dir())
+        return load_checkpoint(locate.find_model_dir(download=False))  # never reach for the hub here
     except (ImportError, FileNotFoundError, AttributeError):
         pass
     try:

@@ -19,7 +19,8 @@ from pathlib import Path  # noqa: E402
 
 def pin_threads(n: int) -> None:
     """Every thread pool to n threads, before the engine imports anything that reads these variables."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+                "BGESMALL_NUM_THREADS"):
         os.environ[var] = str(n)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no engine may reach for a hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
