@@ -517,10 +517,24 @@ def download(
             f"{', '.join(s.name for s in todo)}. Unset HF_HUB_OFFLINE to download, or copy a model folder from "
             "a machine that has one (see weights/README.md)."
         )
+    created = not dest.exists()
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cannot create {dest}: {e.strerror}. Choose another folder with --to DIR.") from e
+    try:
+        return _download_todo(dest, manifest, todo, reports, endpoint=endpoint, token=token, progress=progress,
+                              retries=retries)
+    except BaseException:
+        if created:  # leave no empty folder behind (one holding a .part to resume stays)
+            for folder in sorted((p for p in dest.rglob("*") if p.is_dir()), reverse=True) + [dest]:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
+
+
+def _download_todo(dest: Path, manifest: Manifest, todo: list[RepoFile], reports: list[FileReport], *,
+                   endpoint: str, token: str | None, progress: ProgressFn | None, retries: int) -> list[FileReport]:
     with _folder_lock(dest):  # two processes fetching into one folder (e.g. server workers on first use) take turns
         for spec in todo:
             final = dest / spec.name

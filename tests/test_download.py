@@ -183,6 +183,7 @@ def test_offline_makes_no_request(tmp_path, monkeypatch):
 def test_no_network(tmp_path):
     with pytest.raises(dl.NetworkError, match="cannot reach the hub"):
         dl.download(tmp_path / "m", UNPINNED, endpoint=REFUSED)
+    assert not (tmp_path / "m").exists()  # no empty folder left for locate to stumble on
 
 
 def test_rerun_skips_verified_files(tmp_path):
