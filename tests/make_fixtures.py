@@ -213,6 +213,16 @@ def bge_reference(tmp: Path) -> dict:
     assert f64_diff < 1e-6, f"float32 vs float64 reference: {f64_diff}"
     del ref64
 
+    # The folder is a valid sentence-transformers model too (modules.json, CLS pooling, 512 tokens), as
+    # BGE users load it: it must give the same vectors as BertModel + CLS + normalize above.
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(folder), device="cpu", model_kwargs={"attn_implementation": "eager"})
+    st_emb = np.concatenate([st.encode([t], normalize_embeddings=True) for t in texts])
+    st_diff = float(np.abs(st_emb - text_emb).max())
+    assert st.max_seq_length == 512 and st_diff < 1e-6, f"sentence-transformers on the synthetic folder: {st_diff}"
+    del st
+
     # Not degenerate: different texts give clearly different vectors.
     distinct = [i for i, t in enumerate(texts) if t.strip()]
     cos = text_emb[distinct] @ text_emb[distinct].T
@@ -262,6 +272,7 @@ def bge_reference(tmp: Path) -> dict:
         "half_texts": HALF_TEXTS,
         "half": half,
         "max_abs_diff_float32_vs_float64": f64_diff,
+        "max_abs_diff_sentence_transformers_vs_bertmodel": st_diff,
         "max_cosine_between_texts": max_cos,
         "tanh_gelu_max_abs_diff": tanh_diff,
         "arrays": arrays,
