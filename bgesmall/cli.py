@@ -7,6 +7,7 @@ an expected failure: a missing model, a bad input line, a failed download, an un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -196,7 +197,7 @@ def _tee(texts: Iterable[str], seen: list[str]) -> Iterator[str]:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.subparser
-    sources = (["-"] if args.texts == ["-"] else []) + ([args.input] if args.input else [])
+    source = "-" if args.texts == ["-"] else args.input  # a file or stdin; None: the TEXT arguments
     if args.texts and args.input:
         parser.error("give texts as arguments (or -) or with --input FILE, not both")
     if "-" in args.texts and args.texts != ["-"]:
@@ -210,26 +211,34 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if kind not in (None, ".npy", ".jsonl", ".json"):
         parser.error(f"--output {args.output}: unknown format {kind or '(no extension)'}; use .npy, .jsonl or .json")
 
-    records: list | None = None
-    total: int | None
-    if sources:
-        name = sources[0]
-        field = args.field
-        if field is None and name.lower().endswith((".jsonl", ".ndjson")):
-            field = "text"
-        stream, label = _open_input(name)
-        lines = _lines(stream, label)
-        if field is not None:
-            records = [] if kind == ".jsonl" else None
-            texts: Iterable[str] = _jsonl_texts(lines, label, field, records)
-        else:
-            texts = (t for _, t in lines)
-        total = _count_lines(name)
-    else:
-        if args.field:
-            parser.error("--field applies to --input FILE or - (JSONL), not to texts given as arguments")
-        texts, total = list(args.texts), len(args.texts)
+    if source is None and args.field:
+        parser.error("--field applies to --input FILE or - (JSONL), not to texts given as arguments")
 
+    with contextlib.ExitStack() as closing:
+        records: list | None = None
+        if source is None:
+            texts: Iterable[str] = list(args.texts)
+            total: int | None = len(args.texts)
+        else:
+            field = args.field
+            if field is None and source.lower().endswith((".jsonl", ".ndjson")):
+                field = "text"
+            stream, label = _open_input(source)
+            if stream is not sys.stdin.buffer:
+                closing.enter_context(stream)
+            lines = _lines(stream, label)
+            if field is not None:
+                records = [] if kind == ".jsonl" else None
+                texts = _jsonl_texts(lines, label, field, records)
+            else:
+                texts = (t for _, t in lines)
+            total = _count_lines(source)
+        return _embed_stream(args, texts, total, out, kind, records)
+
+
+def _embed_stream(args, texts: Iterable[str], total: int | None, out: Path | None, kind: str | None,
+                  records: list | None) -> int:
+    """Embed `texts` chunk by chunk and stream the rows to the chosen writer."""
     model = _load(args.model)
     if out is not None and out.parent and not out.parent.is_dir():
         raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
