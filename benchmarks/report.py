@@ -68,9 +68,12 @@ def render(args, argv, ckpt, info, roof, stats, results, acc, skipped, wanted) -
     env = ", ".join(f"{k}={v}" for k, v in info["env"].items()) or "OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE not set"
     add(f"- machine: {info['cpu']}, {info['cores']} cores ({', '.join(info['isa'])}); {info['threads']} threads for "
         f"every engine; Python {info['python']}, numpy {info['numpy']} with {'; '.join(info['numpy_blas'])}; {env}")
-    add(f"- load average at start: {', '.join(f'{x:.2f}' for x in info['loadavg'])} (the cores are shared: "
-        "compare ratios within one run, not figures across runs)")
-    add(f"- float32 roofline: numpy sgemm on one layer's four linear GEMMs, {roof.threads} threads: "
+    add(f"- bgesmall at commit {info['commit']}")
+    add(f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in info['loadavg'])}, at the end: "
+        f"{', '.join(f'{x:.2f}' for x in info.get('loadavg_end', ()))} (2 cores shared with other work: compare "
+        "ratios within one run, not figures across runs)")
+    add(f"- float32 roofline: numpy sgemm on one layer's four linear GEMMs, {roof.threads} threads, best of a "
+        "measurement before and after the engines: "
         f"**{roof.gflops:.0f} GFLOP/s** ({', '.join(f'{t} tokens: {g:.0f}' for t, g in roof.by_tokens.items())}); "
         "ceiling texts/s = that rate / real FLOPs per text (linear + attention matmuls, no padding)")
     for e, why in skipped.items():
@@ -94,14 +97,14 @@ def render(args, argv, ckpt, info, roof, stats, results, acc, skipped, wanted) -
         add("")
         ref = acc.get(w, {}).get("reference", "-")
         add(f"| engine | texts/s | tokens/s | useful GFLOP/s | % of roofline | texts/s peer / bgesmall | peak RSS MB "
-            f"| min cos vs {ref} | runs |")
-        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            f"| min cos vs {ref} | max abs diff | runs |")
+        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         ceiling = roof.gflops * 1e9 / (s["flops"] / s["n"])
         base = rate("bgesmall", w)
         for e, r in results.items():
             x = r.get(w, {})
             if "error" in x:
-                add(f"| {e} | error: {x['error'].splitlines()[-1][:120]} |||||||")
+                add(f"| {e} | error: {x['error'].splitlines()[-1][:120]} ||||||||")
                 continue
             t = rate(e, w)
             if t is None:
@@ -109,9 +112,13 @@ def render(args, argv, ckpt, info, roof, stats, results, acc, skipped, wanted) -
             cos = acc.get(w, {}).get(e)
             add(f"| {e} | {t:.1f} | {t * s['tokens'] / s['n']:.0f} | {t * s['flops'] / s['n'] / 1e9:.0f} | "
                 f"{100 * t / ceiling:.0f}% | {_f(t / base if base else None, '{:.2f}x')} | {x['rss_mb']:.0f} | "
-                f"{_f(cos[0] if cos else None, '{:.5f}')} | {len(x['times_s'])} |")
+                f"{_f(cos[0] if cos else None, '{:.5f}')} | {_f(cos[1] if cos else None, '{:.1e}')} | "
+                f"{len(x['times_s'])} |")
         add(f"| *sgemm roofline* | *{ceiling:.1f}* | *{ceiling * s['tokens'] / s['n']:.0f}* | *{roof.gflops:.0f}* "
-            f"| *100%* | | | | |")
+            f"| *100%* | | | | | |")
+        add("")
+        add("useful GFLOP/s: the matmul FLOPs of the texts' real tokens per second (padding is not useful work). "
+            "ort-int8 computes in int8, so it is not bound by the float32 roofline.")
         add("")
 
     if "query" in wanted:
@@ -190,7 +197,9 @@ def profile_table(results, ckpt) -> str:
             if "batches" in results.get(e, {}).get("profile", {})}
     if not runs:
         return ""
-    L = ["### profile: the corpus in length-sorted batches of 32, each timed alone (best of up to 3)", ""]
+    L = ["### profile: the corpus in length-sorted batches of 32, each timed alone (best of up to 3)", "",
+         "Each batch is one embed() call of 32 texts; ORT pads it to its longest text (padded tokens), "
+         "bgesmall packs it as it chooses.", ""]
     names = list(runs)
     L.append("| batch | max len | real tokens | padded tokens | "
              + " | ".join(f"{e} ms | {e} useful GFLOP/s" for e in names) + " |")
