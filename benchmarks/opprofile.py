@@ -1,0 +1,133 @@
+"""Where bgesmall's time goes, op by op: one thread, the corpus (or STS-B), each kernel call timed.
+
+    python benchmarks/opprofile.py [--model DIR] [--workload corpus|sts] [--quick]
+
+Wraps the kernels that bgesmall.encoder calls (its module globals: attention, bias_gelu, residual_layernorm,
+embed_layernorm, and np.matmul by output width) with timers, then runs model.embed on the workload with one
+worker thread, so the op times add up to the wall time; the rest is tokenization, packing and pooling.
+Compares each matmul's rate with numpy's single-thread sgemm on the same shape. Depends on bgesmall's
+internal module layout: if that changes, this script says so instead of timing the wrong thing.
+"""
+from __future__ import annotations
+
+import os
+
+for _v in ("BGESMALL_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_v] = "1"
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import workloads  # noqa: E402
+from checkpoint import find_checkpoint  # noqa: E402
+
+TIMES: dict[str, list] = defaultdict(lambda: [0, 0.0, 0.0])  # op -> [calls, seconds, flops]
+
+
+def timed(name, fn, flops=None):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        rec = TIMES[name]
+        rec[0] += 1
+        rec[1] += time.perf_counter() - t
+        if flops:
+            rec[2] += flops(*args)
+        return out
+
+    return wrapper
+
+
+def attention_flops(qkv, bias, offsets, heads, out):  # Q.K^T and P.V over all heads, each sequence alone
+    lens = np.diff(offsets).astype(np.float64)
+    return float(4 * (lens ** 2).sum() * out.shape[1])
+
+
+def install(encoder, names: dict) -> None:
+    for attr in ("attention", "bias_gelu", "residual_layernorm", "embed_layernorm"):
+        if not hasattr(encoder, attr):
+            raise SystemExit(f"bgesmall.encoder has no {attr!r} any more: update benchmarks/opprofile.py")
+        setattr(encoder, attr, timed(attr, getattr(encoder, attr), attention_flops if attr == "attention" else None))
+
+    real_np = encoder.np
+
+    def matmul(a, b, out=None, **kw):
+        name = names.get((a.shape[1], b.shape[1]), f"matmul [{a.shape[1]}x{b.shape[1]}]")
+        t = time.perf_counter()
+        r = real_np.matmul(a, b, out=out, **kw)
+        rec = TIMES[name]
+        rec[0] += 1
+        rec[1] += time.perf_counter() - t
+        rec[2] += 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+        return r
+
+    proxy = types.SimpleNamespace(**{k: getattr(real_np, k) for k in dir(real_np) if not k.startswith("__")})
+    proxy.matmul = matmul
+    encoder.np = proxy
+
+
+def sgemm_rate(m: int, k: int, n: int) -> float:
+    a = np.random.default_rng(0).standard_normal((m, k), np.float32)
+    b = np.random.default_rng(1).standard_normal((n, k), np.float32).T
+    out = np.empty((m, n), np.float32)
+    np.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model")
+    ap.add_argument("--workload", default="corpus", choices=["corpus", "sts"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--shared")
+    args = ap.parse_args(argv)
+    ckpt = find_checkpoint(args.model)
+    stsb = Path(args.shared) / "data" / "stsb-dev.tsv" if args.shared else workloads.default_stsb_path()
+    texts = workloads.build(args.quick, stsb)[args.workload].texts
+
+    import bgesmall
+    from bgesmall import encoder
+
+    model = bgesmall.load(ckpt.path)
+    model.embed(texts[:64] + [max(texts, key=len)])  # compile / warm before timing
+    h, f = ckpt.hidden_size, ckpt.intermediate_size
+    names = {(h, 3 * h): f"matmul QKV [T,{h}]x[{h},{3 * h}]", (h, h): f"matmul attn out [T,{h}]x[{h},{h}]",
+             (h, f): f"matmul FFN in [T,{h}]x[{h},{f}]", (f, h): f"matmul FFN out [T,{f}]x[{f},{h}]"}
+    install(encoder, names)
+    t = time.perf_counter()
+    model.embed(texts)
+    wall = time.perf_counter() - t
+    if not TIMES:
+        raise SystemExit("no kernel was timed: bgesmall no longer runs through bgesmall.encoder's globals")
+
+    tokens = sum(model.count_tokens(texts))
+    print(f"### bgesmall op profile: {args.workload}, {len(texts)} texts, {tokens} tokens, one thread, "
+          f"{wall:.2f} s wall ({len(texts) / wall:.1f} texts/s)\n")
+    print("| op | calls | s | share | GFLOP/s | numpy sgemm, 1 thread, same shape at 1024 rows |")
+    print("|---|---:|---:|---:|---:|---:|")
+    shapes = {v: k for k, v in names.items()}
+    for name, (calls, sec, flops) in sorted(TIMES.items(), key=lambda kv: -kv[1][1]):
+        ref = ""
+        if name in shapes:
+            ref = f"{sgemm_rate(1024, *shapes[name]):.0f}"
+        print(f"| {name} | {calls} | {sec:.2f} | {100 * sec / wall:.0f}% | "
+              f"{f'{flops / sec / 1e9:.0f}' if flops else ''} | {ref} |")
+    rest = wall - sum(v[1] for v in TIMES.values())
+    print(f"| outside the kernels (tokenize, pack, pool, Python) | | {rest:.2f} | {100 * rest / wall:.0f}% | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
