@@ -178,6 +178,13 @@ def main(argv=None) -> int:
         if tmp:
             tmp.cleanup()
 
+    opprof = ""
+    if args.profile and "bgesmall" in engines and "corpus" in wanted:
+        log("bgesmall op profile (one thread)")
+        cmd = [sys.executable, str(WORKER.parent / "opprofile.py"), "--model", str(ckpt.path),
+               "--shared", str(args.stsb.parent.parent)] + (["--quick"] if args.quick else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        opprof = p.stdout if p.returncode == 0 else f"(opprofile.py failed: {(p.stderr or p.stdout)[-300:]})\n"
     info["loadavg_end"] = os.getloadavg()
     log("sgemm roofline again (the ceiling is the best of both: noise only lowers a rate)")
     roof = roofline.best(roof, roofline.measure(ckpt, args.threads))
@@ -187,6 +194,7 @@ def main(argv=None) -> int:
     (run_dir / "results.json").write_text(json.dumps(
         {"machine": info, "roofline": roof.__dict__, "stats": stats, "results": results, "skipped": skipped},
         indent=1, default=str))
+    text += "\n" + opprof if opprof else ""
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
