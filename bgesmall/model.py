@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -13,14 +14,18 @@ from . import encoder
 from .batching import token_budget_batches
 from .config import BertConfig, EmbedderConfig, read_bert_config
 from .progress import Progress
+from .threads import blas, default_workers, single_threaded_blas
 from .tokenizer import Tokenizer, check_texts
 from .weights import BertWeights, load_weights
 
 QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 
-# Tokens per forward pass. Large enough that every linear layer is a big, efficient matrix product, small
-# enough that the activations (about 6 KB per token for bge-small) stay in a few tens of MB.
-DEFAULT_BATCH_TOKENS = 8192
+# Tokens per forward pass. Large enough that every linear layer is an efficient matrix product, small
+# enough that a worker's activations (about 15 KB per token for bge-small) stay near 30 MB and that work
+# spreads evenly over the workers.
+DEFAULT_BATCH_TOKENS = 2048
+# Below this many tokens in one call, one worker does it all: handing off costs more than it saves.
+MIN_TOKENS_TO_SPLIT = 64
 
 
 @dataclass(frozen=True)
@@ -49,16 +54,21 @@ class ModelFiles:
 
 
 class Model:
-    """A loaded BERT embedding model. Thread-safe: forward passes are serialized on one lock."""
+    """A loaded BERT embedding model. Thread-safe; batches run on `threads` worker threads, one per core."""
 
-    def __init__(self, files: ModelFiles, config: BertConfig, embedder: EmbedderConfig, weights: BertWeights):
+    def __init__(
+        self, files: ModelFiles, config: BertConfig, embedder: EmbedderConfig, weights: BertWeights, threads: int
+    ):
         self.path = files.folder
         self.config = config
         self.embedder = embedder
         self.weights = weights
         self.tokenizer = Tokenizer(files.tokenizer, embedder.max_seq_length)
-        self._lock = threading.Lock()
-        self._workspace = encoder.Workspace.allocate(config, 0)
+        # Data-parallel workers need BLAS held at one thread; where that is impossible, one worker.
+        self.threads = threads if blas().controllable else 1
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._local = threading.local()  # each thread's own Workspace
 
     def __repr__(self) -> str:
         return f"bgesmall.Model({str(self.path)!r}, dim={self.dim}, layers={self.config.num_hidden_layers}, pooling={self.pooling!r})"
@@ -153,22 +163,40 @@ class Model:
         return out
 
     def _embed_sequences(self, seqs: list[list[int]], *, normalize: bool) -> np.ndarray:
+        # [n] token sequences -> [n, dim]: batches by token budget, spread over the workers, rows in order
         out = np.empty((len(seqs), self.dim), dtype=np.float32)
         lengths = [len(s) for s in seqs]
-        for batch in token_budget_batches(lengths, DEFAULT_BATCH_TOKENS):
-            out[batch] = self._forward([seqs[i] for i in batch])
+        total = sum(lengths)
+        workers = self.threads if total >= MIN_TOKENS_TO_SPLIT else 1
+        budget = min(DEFAULT_BATCH_TOKENS, max(MIN_TOKENS_TO_SPLIT, -(-total // workers)))
+        batches = list(token_budget_batches(lengths, budget))
+        with single_threaded_blas():
+            if workers == 1 or len(batches) == 1:
+                for batch in batches:
+                    out[batch] = self._forward([seqs[i] for i in batch])
+            else:
+                pool = self._workers()
+                jobs = [(b, pool.submit(self._forward, [seqs[i] for i in b])) for b in batches]
+                for batch, job in jobs:
+                    out[batch] = job.result()
         return encoder.l2_normalize(out) if normalize else out
 
+    def _workers(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bgesmall")
+            return self._pool
+
     def _forward(self, seqs: list[list[int]]) -> np.ndarray:
-        # [b] token sequences -> [b, dim] pooled, not normalized
+        # [b] token sequences -> [b, dim] pooled, not normalized; runs in the calling thread, single-threaded
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum([len(s) for s in seqs], out=offsets[1:])
         ids = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
-        with self._lock:
-            if self._workspace.capacity < ids.shape[0]:
-                self._workspace = encoder.Workspace.allocate(self.config, max(ids.shape[0], 512))
-            hidden = encoder.encode(self.config, self.weights, ids, offsets, self._workspace)
-            return encoder.pool(hidden, offsets, self.pooling)
+        ws = getattr(self._local, "workspace", None)
+        if ws is None or ws.capacity < ids.shape[0]:
+            ws = self._local.workspace = encoder.Workspace.allocate(self.config, max(ids.shape[0], 128))
+        hidden = encoder.encode(self.config, self.weights, ids, offsets, ws)
+        return encoder.pool(hidden, offsets, self.pooling)
 
     # -- conveniences -----------------------------------------------------------------------------------
 
@@ -215,8 +243,11 @@ class Model:
         return out[0] if single else out
 
 
-def load(path=None) -> Model:
-    """Load a model folder (Hugging Face layout). With no path, find the BGE-small weights (see bgesmall.locate)."""
+def load(path=None, *, threads: int | None = None) -> Model:
+    """Load a model folder (Hugging Face layout). With no path, find the BGE-small weights (see bgesmall.locate).
+
+    threads: worker threads (default: the cores this process may use, or $BGESMALL_NUM_THREADS).
+    """
     if path is None:
         from .locate import find_model_dir
 
@@ -225,4 +256,4 @@ def load(path=None) -> Model:
     config = read_bert_config(files.folder)
     embedder = EmbedderConfig.from_folder(files.folder, config)
     weights = load_weights(files.weights, config)
-    return Model(files, config, embedder, weights)
+    return Model(files, config, embedder, weights, threads or default_workers())

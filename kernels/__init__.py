@@ -5,9 +5,9 @@ Matrix products stay in numpy (BLAS); everything between them is fused here, one
 Decorator policy, written down once (see `jit.py`):
 - every kernel is `njit(signature, cache=True, nogil=True)`: the explicit float32, C-contiguous signature
   makes a float64 or strided input an error instead of a silent slow recompile; the on-disk cache makes the
-  second start fast; releasing the GIL lets server threads overlap Python work with a forward pass;
-- kernels that loop over independent rows or (sequence, head) pairs are `parallel=True` with `prange`,
-  one writer per output slot;
+  second start fast; releasing the GIL is what lets bgesmall's worker threads run batches side by side;
+- kernels are serial: parallelism is across batches, one worker thread per core (see bgesmall/threads.py),
+  so no kernel ends in a barrier that every core must reach;
 - `fastmath` only on pure arithmetic leaves (the erf and exp polynomials), never on code where a sum is
   divided or `-inf` could appear.
 """

@@ -1,19 +1,17 @@
 """Self-attention over packed sequences: scores, softmax and the weighted sum of values, fused.
 
 Sequences are packed back to back without padding, so there is nothing to mask: sequence s owns token rows
-offsets[s]:offsets[s + 1], and attention never reads outside them. Each (sequence, head) pair is independent
-and is one iteration of a parallel loop. Mirrors transformers' `BertSelfAttention` (eager path):
+offsets[s]:offsets[s + 1], and attention never reads outside them. Each (sequence, head) pair is independent. Mirrors transformers' `BertSelfAttention` (eager path):
 softmax(q k^T / sqrt(d) + mask) v, with the query/key/value biases added here rather than in a separate pass.
 """
 
 import numpy as np
-from numba import prange
 
 from .activations import exp_nonpositive
 from .jit import kernel
 
 
-@kernel("void(f4[:, ::1], f4[::1], i8[::1], i8, f4[:, ::1])", parallel=True)
+@kernel("void(f4[:, ::1], f4[::1], i8[::1], i8, f4[:, ::1])")
 def attention(qkv, qkv_b, offsets, num_heads, out):
     # qkv [tokens, 3 * hidden] (query | key | value, bias not yet added), qkv_b [3 * hidden],
     # offsets [sequences + 1], out [tokens, hidden] <- per head h: softmax(q_h k_h^T / sqrt(d)) v_h
@@ -21,22 +19,30 @@ def attention(qkv, qkv_b, offsets, num_heads, out):
     d = hidden // num_heads
     scale = np.float32(1.0 / np.sqrt(d))
     n_seq = offsets.shape[0] - 1
-    for task in prange(n_seq * num_heads):
+    longest = 0
+    for s in range(n_seq):
+        longest = max(longest, offsets[s + 1] - offsets[s])
+    # Scratch, reused by every (sequence, head): keys transposed to [d, length] so the score loop runs along
+    # contiguous keys; values [length, d]; one row of scores.
+    k_t_buf = np.empty(d * longest, dtype=np.float32)
+    v_buf = np.empty(longest * d, dtype=np.float32)
+    q = np.empty(d, dtype=np.float32)
+    p_buf = np.empty(longest, dtype=np.float32)
+    bits_buf = np.empty(longest, dtype=np.int32)
+    acc = np.empty(d, dtype=np.float32)
+    for task in range(n_seq * num_heads):
         s, h = task // num_heads, task % num_heads
         start, length = offsets[s], offsets[s + 1] - offsets[s]
         qo, ko, vo = h * d, hidden + h * d, 2 * hidden + h * d
-        # Keys transposed to [d, length] so the score loop runs along contiguous keys; values [length, d].
-        k_t = np.empty((d, length), dtype=np.float32)
-        v = np.empty((length, d), dtype=np.float32)
+        k_t = k_t_buf[: d * length].reshape((d, length))
+        v = v_buf[: length * d].reshape((length, d))
+        p = p_buf[:length]
+        bits = bits_buf[:length]
         for j in range(length):
             row = qkv[start + j]
             for c in range(d):
                 k_t[c, j] = row[ko + c] + qkv_b[ko + c]
                 v[j, c] = row[vo + c] + qkv_b[vo + c]
-        q = np.empty(d, dtype=np.float32)
-        p = np.empty(length, dtype=np.float32)
-        bits = np.empty(length, dtype=np.int32)
-        acc = np.empty(d, dtype=np.float32)
         for i in range(length):
             row = qkv[start + i]
             for c in range(d):

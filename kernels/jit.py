@@ -6,10 +6,12 @@ import numba
 ARITH_FLAGS = {"contract", "reassoc", "arcp", "afn"}
 
 
-def kernel(signature, *, parallel=False, fastmath=False):
-    return numba.njit(signature, cache=True, nogil=True, parallel=parallel, fastmath=fastmath)
+def kernel(signature, *, fastmath=False):
+    # error_model="numpy": a float division by zero gives inf as in C, instead of Python's ZeroDivisionError,
+    # whose check on every division keeps LLVM from vectorizing a loop that divides.
+    return numba.njit(signature, cache=True, nogil=True, fastmath=fastmath, error_model="numpy")
 
 
 def leaf(signature):
-    """A scalar helper inlined into kernels: pure arithmetic, so fastmath is safe."""
-    return numba.njit(signature, cache=True, nogil=True, inline="always", fastmath=ARITH_FLAGS)
+    """A scalar helper inlined (at numba IR level) into kernels; the caller's fastmath flags then apply."""
+    return numba.njit(signature, cache=True, nogil=True, inline="always", fastmath=ARITH_FLAGS, error_model="numpy")
