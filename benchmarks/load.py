@@ -1,12 +1,13 @@
 """Load test of `bgesmall serve`: requests/s, p50 and p99 latency at several concurrencies, batching on vs off.
 
-    python benchmarks/load.py --model DIR                 # starts a server with batching on, then one with it off
+    python benchmarks/load.py --model DIR                 # starts a server with batching on and one with it off
     python benchmarks/load.py --synthetic                 # the same on a random-weight bge-small-shaped checkpoint
     python benchmarks/load.py --url http://127.0.0.1:8000 # measures a server you started (one column)
 
 Each of C clients sends one short sentence per request (POST /v1/embeddings, encoding_format float), waits for
 the answer, and sends the next: a closed loop. Every level runs for --duration seconds or --max-requests
-requests, whichever comes first, after a short warm-up, then stops. Traffic goes to 127.0.0.1 only (the
+requests, whichever comes first, after a short warm-up, then stops; with two servers, each level alternates
+between them in --rounds slices. Traffic goes to 127.0.0.1 only (the
 script refuses other hosts). The clients speak minimal HTTP/1.1 on keep-alive connections, so that on a
 2-core machine they take as little CPU as possible from the server they measure.
 """
@@ -59,7 +60,7 @@ class LevelResult:
         if not self.latencies_ms:
             return float("nan")
         xs = sorted(self.latencies_ms)
-        return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+        return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
 class Connection:
@@ -140,26 +141,33 @@ async def run_level(host: str, port: int, headers: dict[str, str], model: str | 
     return LevelResult(concurrency, len(latencies), failed, time.perf_counter() - start, latencies)
 
 
-def measure(url: str, args) -> list[LevelResult]:
+def measure_level(url: str, args, concurrency: int, duration: float) -> LevelResult:
     parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname, parts.port or 80
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    results = []
-    for c in args.concurrency:
-        r = asyncio.run(run_level(host, port, headers, args.model_name, c, args.duration, args.max_requests,
-                                  args.warmup))
-        print(f"  concurrency {c:>3}: {r.rps:7.1f} req/s  p50 {r.pct(50):8.1f} ms  p99 {r.pct(99):8.1f} ms  "
-              f"({r.ok} ok, {r.failed} failed, {r.seconds:.1f} s)", flush=True)
-        results.append(r)
+    return asyncio.run(run_level(parts.hostname, parts.port or 80, headers, args.model_name, concurrency,
+                                 duration, args.max_requests, args.warmup))
+
+
+def merge(parts: list[LevelResult]) -> LevelResult:
+    return LevelResult(parts[0].concurrency, sum(p.ok for p in parts), sum(p.failed for p in parts),
+                       sum(p.seconds for p in parts), [x for p in parts for x in p.latencies_ms])
+
+
+def report(label: str, r: LevelResult) -> None:
+    print(f"  {label}concurrency {r.concurrency:>3}: {r.rps:7.1f} req/s  p50 {r.pct(50):8.1f} ms  "
+          f"p99 {r.pct(99):8.1f} ms  ({r.ok} ok, {r.failed} failed, {r.seconds:.1f} s)", flush=True)
+
+
+def batching_counters(url: str) -> str:
     try:
         with urllib.request.urlopen(url + "/health", timeout=10) as resp:
             b = json.load(resp).get("batching", {})
-        if b.get("forward_passes"):
-            print(f"  server: {b['requests']} requests in {b['forward_passes']} forward passes "
-                  f"(largest {b['largest_batch']} inputs)", flush=True)
     except OSError:
-        pass
-    return results
+        return ""
+    if not b.get("forward_passes"):
+        return ""
+    return (f"{b['requests']} requests in {b['forward_passes']} forward passes "
+            f"(largest {b['largest_batch']} inputs)")
 
 
 def free_port() -> int:
@@ -216,9 +224,13 @@ def main(argv=None) -> int:
                             "(12 layers, 384 wide: the same compute) made in a temporary folder")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32],
                    help="comma-separated client counts (default 1,8,32)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per level (default 10)")
+    p.add_argument("--duration", type=float, default=10.0,
+                   help="measured seconds per level and server (default 10)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="split each level's time into this many on/off alternations (default 2)")
     p.add_argument("--max-requests", type=int, default=5000, help="cap on requests per level (default 5000)")
-    p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per level, not counted (default 2)")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="warm-up seconds before each measured slice, not counted (default 1)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="the started servers' --max-wait-ms")
     p.add_argument("--model-name", default=None, help="model name to send (default: leave it out)")
     p.add_argument("--api-key", default=None, help="API key to send (and to give the servers started here)")
@@ -229,26 +241,43 @@ def main(argv=None) -> int:
         host = urllib.parse.urlsplit(args.url).hostname
         if host not in LOOPBACK:
             p.error(f"refusing to load-test {host}: only 127.0.0.1, localhost or ::1")
-        print(f"server at {args.url}")
-        measure(args.url.rstrip("/"), args)
-        return 0
+        url = args.url.rstrip("/")
+        print(f"server at {url}")
+        results = [measure_level(url, args, c, args.duration) for c in args.concurrency]
+        for r in results:
+            report("", r)
+        print(f"  server: {batching_counters(url)}")
+        return 1 if any(r.failed for r in results) else 0
 
+    # Both servers run at once (the idle one costs nothing) and each level alternates between them for
+    # --rounds rounds, so that background load drifting on a shared machine hits both sides alike.
     with tempfile.TemporaryDirectory(prefix="bgesmall-load-") as tmp:
         model_dir = args.model
         if args.synthetic:
             from bgesmall.synthetic import make_checkpoint
 
             model_dir = str(make_checkpoint(pathlib.Path(tmp) / "bge-small-synthetic", preset="bge-small"))
-        by_mode = {}
-        for batching in (True, False):
-            proc, url = start_server(model_dir, batching, args)
-            try:
-                print(f"batching {'on' if batching else 'off'}:", flush=True)
-                by_mode[batching] = measure(url, args)
-            finally:
+        servers = {}
+        try:
+            for batching in (True, False):
+                servers[batching] = start_server(model_dir, batching, args)
+            by_mode: dict[bool, list[LevelResult]] = {True: [], False: []}
+            slice_s = args.duration / args.rounds
+            for c in args.concurrency:
+                parts: dict[bool, list[LevelResult]] = {True: [], False: []}
+                for _ in range(args.rounds):
+                    for batching in (True, False):
+                        parts[batching].append(measure_level(servers[batching][1], args, c, slice_s))
+                for batching in (True, False):
+                    by_mode[batching].append(merge(parts[batching]))
+                    report(f"batching {'on ' if batching else 'off'} ", by_mode[batching][-1])
+            for batching in (True, False):
+                print(f"  batching {'on ' if batching else 'off'} server: {batching_counters(servers[batching][1])}")
+        finally:
+            for proc, _ in servers.values():
                 stop_server(proc)
 
-    print("\nsummary (one run; req/s, p50/p99 ms)")
+    print(f"\nsummary (one run, {args.rounds} alternating rounds of {slice_s:g} s per level; latencies in ms)")
     print(f"{'clients':>7} | {'on req/s':>9} {'p50':>7} {'p99':>7} | {'off req/s':>9} {'p50':>7} {'p99':>7} | "
           f"{'on/off':>6} | failed")
     for on, off in zip(by_mode[True], by_mode[False]):

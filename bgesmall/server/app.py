@@ -47,11 +47,12 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await batcher.start()
-        try:
-            yield
-        finally:
-            await batcher.stop()
+        with _single_threaded_blas():
+            await batcher.start()
+            try:
+                yield
+            finally:
+                await batcher.stop()
 
     app = FastAPI(title="bgesmall embeddings server",
                   description=f"OpenAI-compatible embeddings for `{model_name}` ({model.dim} dimensions), "
@@ -75,14 +76,14 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
                                    f"{request.dimensions}: leave 'dimensions' out or send {model.dim}.",
                               param="dimensions", code="invalid_value")
         query = request.input_type == "query"
-        prepare = lambda: prepare_input(model, request.input, query=query, truncate=request.truncate,  # noqa: E731
+        prepare = lambda: prepare_input(model, request.input, query=query, truncate=request.truncate,
                                         max_inputs=max_inputs)
         prepared = await _maybe_offload(prepare, _input_size(request.input))
         try:
             vectors = await batcher.submit(prepared.ids)
         except ValueError as exc:  # the model refused an input the checks above let through
             raise OpenAIError(400, str(exc), param="input") from exc
-        encode = lambda: _embedding_json(vectors, request.encoding_format or "float",  # noqa: E731
+        encode = lambda: _embedding_json(vectors, request.encoding_format or "float",
                                          model_name, prepared.prompt_tokens)
         return Response(await _maybe_offload(encode, vectors.size // 16), media_type="application/json")
 
@@ -110,6 +111,18 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
 
     app.add_middleware(_GuardMiddleware, api_key=api_key, max_request_bytes=max_request_bytes)
     return app
+
+
+def _single_threaded_blas():
+    """Hold numpy's BLAS at one thread for the server's life. The engine does this around every forward
+    pass and restores the previous count after it; in a server, passes follow each other closely, and
+    switching the count back and forth was seen to wake OpenBLAS's spinning threads between passes (stalls
+    of 0.5-2 s on 2 busy cores). The engine's threads, not BLAS's, use the cores."""
+    try:
+        from bgesmall.threads import single_threaded_blas
+    except ImportError:
+        return contextlib.nullcontext()
+    return single_threaded_blas()
 
 
 def _model_card(name: str, created: int) -> dict:

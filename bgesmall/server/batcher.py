@@ -19,8 +19,8 @@ import asyncio
 import collections
 import concurrent.futures
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -139,7 +139,7 @@ class Batcher:
             self._count_batch(len(flat))
             try:
                 vectors = await loop.run_in_executor(self._executor, self.embed_fn, flat)
-            except Exception:
+            except Exception:  # noqa: BLE001 - whoever caused it is found by running each request alone
                 await self._retry_alone(batch)
                 continue
             row = 0

@@ -6,7 +6,7 @@ and the response models only document them on the OpenAPI page.
 
 from __future__ import annotations
 
-from typing import List, Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -18,19 +18,19 @@ class EmbeddingRequest(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible clients send vendor extras.
     model_config = ConfigDict(extra="ignore")
 
-    input: Union[StrictStr, List[StrictStr], List[StrictInt], List[List[StrictInt]]] = Field(
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
         description="Text to embed: a string, an array of strings, an array of token ids, or an array of "
         "token-id arrays (at most 2048 inputs; no empty strings). Token ids are this model's WordPiece vocabulary "
         "ids without [CLS]/[SEP], which the server adds.",
         examples=["The food was delicious and the waiter was friendly."],
     )
-    model: Optional[str] = Field(None, description="The served model name (see GET /v1/models). Default: it.")
-    encoding_format: Optional[Literal["float", "base64"]] = Field(
+    model: str | None = Field(None, description="The served model name (see GET /v1/models). Default: it.")
+    encoding_format: Literal["float", "base64"] | None = Field(
         "float", description="'float' (JSON numbers) or 'base64' (little-endian float32 bytes, base64-encoded).")
-    dimensions: Optional[StrictInt] = Field(
+    dimensions: StrictInt | None = Field(
         None, description="Accepted only when equal to the model's width: this model has fixed-width output.")
-    user: Optional[str] = Field(None, description="Accepted and ignored.")
-    input_type: Optional[Literal["query", "document"]] = Field(
+    user: str | None = Field(None, description="Accepted and ignored.")
+    input_type: Literal["query", "document"] | None = Field(
         None, description="Extension. 'query' prepends the BGE retrieval instruction to every input; "
         "'document' (the default) embeds the inputs as they are.")
     truncate: StrictBool = Field(
@@ -41,7 +41,7 @@ class EmbeddingRequest(BaseModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: Union[List[float], str]
+    embedding: list[float] | str
 
 
 class Usage(BaseModel):
@@ -51,7 +51,7 @@ class Usage(BaseModel):
 
 class EmbeddingResponse(BaseModel):
     object: Literal["list"] = "list"
-    data: List[Embedding]
+    data: list[Embedding]
     model: str
     usage: Usage
 
@@ -65,14 +65,14 @@ class ModelCard(BaseModel):
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: List[ModelCard]
+    data: list[ModelCard]
 
 
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):
