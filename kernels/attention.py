@@ -1,8 +1,15 @@
 """Self-attention over packed sequences: scores, softmax and the weighted sum of values, fused.
 
 Sequences are packed back to back without padding, so there is nothing to mask: sequence s owns token rows
-offsets[s]:offsets[s + 1], and attention never reads outside them. Each (sequence, head) pair is independent. Mirrors transformers' `BertSelfAttention` (eager path):
-softmax(q k^T / sqrt(d) + mask) v, with the query/key/value biases added here rather than in a separate pass.
+offsets[s]:offsets[s + 1], and attention never reads outside them. Each (sequence, head) pair is independent.
+Mirrors transformers' `BertSelfAttention` (eager path): softmax(q k^T / sqrt(d) + mask) v, with the query,
+key and value biases added here rather than in a separate pass.
+
+Layout, chosen so that every inner loop runs over contiguous memory and vectorizes: keys and values are
+copied per head into [d, length] scratch (transposed), zero-padded to a multiple of 16 columns so no loop
+ends in a scalar remainder. Scores for one query row accumulate along the keys (an axpy per head dimension);
+the weighted sum is one dot product per head dimension. (Slicing or calling a function inside these loops
+costs numba a reference-count update each time: the loops index 2-D scratch directly.) Padded columns carry probability 0.
 """
 
 import numpy as np
@@ -10,8 +17,11 @@ import numpy as np
 from .activations import exp_nonpositive
 from .jit import kernel
 
+LANES = 16  # float32 lanes of an AVX-512 register
 
-@kernel("void(f4[:, ::1], f4[::1], i8[::1], i8, f4[:, ::1])")
+
+# reassoc + contract only (no nnan/ninf): sums may be reordered so they vectorize; inf and NaN keep their meaning.
+@kernel("void(f4[:, ::1], f4[::1], i8[::1], i8, f4[:, ::1])", fastmath={"contract", "reassoc"})
 def attention(qkv, qkv_b, offsets, num_heads, out):
     # qkv [tokens, 3 * hidden] (query | key | value, bias not yet added), qkv_b [3 * hidden],
     # offsets [sequences + 1], out [tokens, hidden] <- per head h: softmax(q_h k_h^T / sqrt(d)) v_h
@@ -22,49 +32,47 @@ def attention(qkv, qkv_b, offsets, num_heads, out):
     longest = 0
     for s in range(n_seq):
         longest = max(longest, offsets[s + 1] - offsets[s])
-    # Scratch, reused by every (sequence, head): keys transposed to [d, length] so the score loop runs along
-    # contiguous keys; values [length, d]; one row of scores.
-    k_t_buf = np.empty(d * longest, dtype=np.float32)
-    v_buf = np.empty(longest * d, dtype=np.float32)
+    width = (longest + LANES - 1) // LANES * LANES
+    k_t = np.zeros((d, width), dtype=np.float32)  # keys of one head, [d, padded length]
+    v_t = np.zeros((d, width), dtype=np.float32)  # values of one head, [d, padded length]
+    p_buf = np.zeros(width, dtype=np.float32)  # scores, then probabilities, of one query row
+    bits = np.empty(width, dtype=np.int32)  # scratch for exp
     q = np.empty(d, dtype=np.float32)
-    p_buf = np.empty(longest, dtype=np.float32)
-    bits_buf = np.empty(longest, dtype=np.int32)
-    acc = np.empty(d, dtype=np.float32)
-    for task in range(n_seq * num_heads):
-        s, h = task // num_heads, task % num_heads
-        start, length = offsets[s], offsets[s + 1] - offsets[s]
-        qo, ko, vo = h * d, hidden + h * d, 2 * hidden + h * d
-        k_t = k_t_buf[: d * length].reshape((d, length))
-        v = v_buf[: length * d].reshape((length, d))
-        p = p_buf[:length]
-        bits = bits_buf[:length]
-        for j in range(length):
-            row = qkv[start + j]
-            for c in range(d):
-                k_t[c, j] = row[ko + c] + qkv_b[ko + c]
-                v[j, c] = row[vo + c] + qkv_b[vo + c]
-        for i in range(length):
-            row = qkv[start + i]
-            for c in range(d):
-                q[c] = (row[qo + c] + qkv_b[qo + c]) * scale
-            p[:] = 0.0
-            for c in range(d):  # p = q k^T: [d] x [d, length] -> [length]
-                qc = q[c]
-                kc = k_t[c]
-                for j in range(length):
-                    p[j] += qc * kc[j]
-            m = p[0]
-            for j in range(1, length):
-                m = max(m, p[j])
-            for j in range(length):
-                p[j] -= m
-            inv = np.float32(1.0) / exp_nonpositive(p, bits)
-            acc[:] = 0.0
-            for j in range(length):  # acc = p v: [length] x [length, d] -> [d]
-                pj = p[j]
-                vj = v[j]
+    for s in range(n_seq):
+        start = offsets[s]
+        n = offsets[s + 1] - start
+        padded = (n + LANES - 1) // LANES * LANES
+        p = p_buf[:padded]
+        p_real = p_buf[:n]
+        for h in range(num_heads):
+            qo, ko, vo = h * d, hidden + h * d, 2 * hidden + h * d
+            for j in range(n):
                 for c in range(d):
-                    acc[c] += pj * vj[c]
-            o = out[start + i]
+                    k_t[c, j] = qkv[start + j, ko + c] + qkv_b[ko + c]
+                    v_t[c, j] = qkv[start + j, vo + c]  # its bias is added after the sum (the weights sum to 1)
             for c in range(d):
-                o[qo + c] = acc[c] * inv
+                for j in range(n, padded):
+                    k_t[c, j] = 0.0
+                    v_t[c, j] = 0.0
+            for i in range(n):
+                for c in range(d):
+                    q[c] = (qkv[start + i, qo + c] + qkv_b[qo + c]) * scale
+                for j in range(padded):
+                    p[j] = 0.0
+                for c in range(d):  # scores: [d] x [d, padded] -> [padded]
+                    qc = q[c]
+                    for j in range(padded):
+                        p[j] += qc * k_t[c, j]
+                m = p[0]
+                for j in range(1, n):
+                    m = max(m, p[j])
+                for j in range(n):
+                    p[j] -= m
+                inv = np.float32(1.0) / exp_nonpositive(p_real, bits)
+                for j in range(n, padded):
+                    p[j] = 0.0
+                for c in range(d):  # weighted sum: [padded] . [padded] per head dimension
+                    acc = np.float32(0.0)
+                    for j in range(padded):
+                        acc += p[j] * v_t[c, j]
+                    out[start + i, qo + c] = acc * inv + qkv_b[vo + c]

@@ -13,5 +13,7 @@ def kernel(signature, *, fastmath=False):
 
 
 def leaf(signature):
-    """A scalar helper inlined (at numba IR level) into kernels; the caller's fastmath flags then apply."""
-    return numba.njit(signature, cache=True, nogil=True, inline="always", fastmath=ARITH_FLAGS, error_model="numpy")
+    """A small pure-arithmetic helper (a polynomial, a dot product) called from kernels, where fastmath is safe.
+
+    Its flags travel with its instructions when LLVM inlines it; a numba-level inline would drop them."""
+    return numba.njit(signature, cache=True, nogil=True, fastmath=ARITH_FLAGS, error_model="numpy")
