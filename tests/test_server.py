@@ -355,6 +355,27 @@ def test_batcher_lets_small_requests_take_turns_with_a_large_one():
     assert calls.index([1]) < len(calls) - 1  # served before the large request's last turn
 
 
+def test_batcher_survives_a_bad_result():
+    """An embed_fn that returns the wrong number of rows fails that batch's callers; the next batch works."""
+    def embed(ids):
+        rows = len(ids) - 1 if len(ids) > 1 else 1
+        return np.ones((rows, 2), dtype=np.float32)
+
+    async def scenario():
+        b = Batcher(embed, dim=2, config=BatchingConfig(max_wait_ms=0))
+        await b.start()
+        try:
+            bad = await asyncio.wait_for(asyncio.gather(b.submit([[1], [2]]), return_exceptions=True), 10)
+            good = await asyncio.wait_for(b.submit([[3]]), 10)
+            return bad[0], good
+        finally:
+            await b.stop()
+
+    bad, good = asyncio.run(scenario())
+    assert isinstance(bad, Exception)
+    np.testing.assert_array_equal(good, [[1, 1]])
+
+
 def test_batching_off_gives_the_same_vectors(model):
     from fastapi.testclient import TestClient
 

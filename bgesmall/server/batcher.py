@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 # ids: list of token-id sequences without special tokens -> (len(ids), dim) float32, rows in order.
+log = logging.getLogger("bgesmall.server")
+
 EmbedFn = Callable[[Sequence[Sequence[int]]], np.ndarray]
 
 
@@ -123,7 +126,6 @@ class Batcher:
 
     # -- the worker side -------------------------------------------------------------------------------------
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             self._drop_abandoned()
             if not self._waiting:
@@ -134,18 +136,31 @@ class Batcher:
             batch = self._pack()
             if not batch:
                 continue
-            self._last_batch_requests = len(batch)
-            flat = [seq for job, start, stop in batch for seq in job.ids[start:stop]]
-            self._count_batch(len(flat))
             try:
-                vectors = await loop.run_in_executor(self._executor, self.embed_fn, flat)
-            except Exception:  # noqa: BLE001 - whoever caused it is found by running each request alone
-                await self._retry_alone(batch)
-                continue
-            row = 0
-            for job, start, stop in batch:
-                self._deliver(job, start, vectors[row : row + stop - start])
-                row += stop - start
+                await self._run_batch(batch)
+            except Exception as exc:  # a bug here must fail its requests, not stall the server
+                log.exception("batcher error")
+                for job, _, _ in batch:
+                    if not job.future.done():
+                        job.failed = True
+                        job.future.set_exception(exc)
+                        self._forget(job)
+
+    async def _run_batch(self, batch: list[tuple[_Job, int, int]]) -> None:
+        self._last_batch_requests = len(batch)
+        flat = [seq for job, start, stop in batch for seq in job.ids[start:stop]]
+        self._count_batch(len(flat))
+        try:
+            vectors = await asyncio.get_running_loop().run_in_executor(self._executor, self.embed_fn, flat)
+        except Exception:  # noqa: BLE001 - whoever caused it is found by running each request alone
+            await self._retry_alone(batch)
+            return
+        if vectors.shape != (len(flat), self.dim):
+            raise RuntimeError(f"the model returned {vectors.shape} for {len(flat)} inputs of width {self.dim}")
+        row = 0
+        for job, start, stop in batch:
+            self._deliver(job, start, vectors[row : row + stop - start])
+            row += stop - start
 
     async def _wait_for_company(self) -> None:
         """Give the oldest request up to max_wait_ms (from its arrival) for others to join it.
@@ -227,6 +242,8 @@ class Batcher:
                 job.future.set_exception(exc)
                 self._forget(job)
                 continue
+            if vectors.shape != (stop - start, self.dim):
+                raise RuntimeError(f"the model returned {vectors.shape} for {stop - start} inputs")
             self._deliver(job, start, vectors)
 
     def _deliver(self, job: _Job, start: int, vectors: np.ndarray) -> None:
