@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import report
 import roofline
 import workloads
@@ -50,7 +49,7 @@ def run_worker(engine: str, workload: str, args, ckpt, env: dict, save: Path | N
     if save:
         cmd += ["--save", str(save)]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
@@ -66,7 +65,7 @@ def machine_info(threads: int) -> dict:
 
     model = "?"
     try:
-        for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        for ln in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
             if ln.startswith("Model name:"):
                 model = ln.split(":", 1)[1].strip()
     except OSError:
@@ -82,9 +81,9 @@ def machine_info(threads: int) -> dict:
     repo = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip()
+                              text=True, check=False).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "bgesmall", "kernels"],
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, text=True, check=False).stdout.strip()
         commit = f"{head}{' + uncommitted changes in bgesmall/ or kernels/' if dirty else ''}" if head else "?"
     except OSError:
         commit = "?"
@@ -183,7 +182,7 @@ def main(argv=None) -> int:
         log("bgesmall op profile (one thread)")
         cmd = [sys.executable, str(WORKER.parent / "opprofile.py"), "--model", str(ckpt.path),
                "--shared", str(args.stsb.parent.parent)] + (["--quick"] if args.quick else [])
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
         opprof = p.stdout if p.returncode == 0 else f"(opprofile.py failed: {(p.stderr or p.stdout)[-300:]})\n"
     info["loadavg_end"] = os.getloadavg()
     log("sgemm roofline again (the ceiling is the best of both: noise only lowers a rate)")

@@ -7,7 +7,6 @@ the worker times them as part of the cold start, and a missing package only skip
 from __future__ import annotations
 
 import numpy as np
-
 from checkpoint import Checkpoint
 
 BATCH = 32  # the peers' batch size (length-sorted where the engine sorts)
@@ -62,9 +61,8 @@ class OnnxRuntime(Engine):
 
     def load(self, ckpt, threads):
         import onnxruntime as ort
-        from tokenizers import Tokenizer
-
         from export_onnx import onnx_dir
+        from tokenizers import Tokenizer
 
         self.ckpt = ckpt
         self.tok = Tokenizer.from_file(str(ckpt.path / "tokenizer.json"))
@@ -148,10 +146,9 @@ class FastEmbed(Engine):
     needs_onnx = True
 
     def load(self, ckpt, threads):
+        from export_onnx import onnx_dir
         from fastembed import TextEmbedding
         from fastembed.common.model_description import ModelSource, PoolingType
-
-        from export_onnx import onnx_dir
 
         name = f"bgesmall-bench/{ckpt.key}"
         if name not in {m["model"] for m in TextEmbedding.list_supported_models()}:

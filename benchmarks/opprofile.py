@@ -15,17 +15,16 @@ import os
 for _v in ("BGESMALL_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_v] = "1"
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import types  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import sys
+import time
+import types
+from collections import defaultdict
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-
-import workloads  # noqa: E402
-from checkpoint import find_checkpoint  # noqa: E402
+import numpy as np
+import workloads
+from checkpoint import find_checkpoint
 
 TIMES: dict[str, list] = defaultdict(lambda: [0, 0.0, 0.0])  # op -> [calls, seconds, flops]
 

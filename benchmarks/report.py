@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from checkpoint import Checkpoint
 
 REFERENCE_ORDER = ("sentence-transformers", "ort-fp32", "bgesmall")  # accuracy reference: the first one that ran
@@ -198,8 +197,8 @@ def profile_table(results, ckpt) -> str:
     if not runs:
         return ""
     L = ["### profile: the corpus in length-sorted batches of 32, each timed alone (best of up to 3)", "",
-         "Each batch is one embed() call of 32 texts; ORT pads it to its longest text (padded tokens), "
-         "bgesmall packs it as it chooses.", ""]
+         ("Each batch is one embed() call of 32 texts; ORT pads it to its longest text (padded tokens), "
+          "bgesmall packs it as it chooses."), ""]
     names = list(runs)
     L.append("| batch | max len | real tokens | padded tokens | "
              + " | ".join(f"{e} ms | {e} useful GFLOP/s" for e in names) + " |")

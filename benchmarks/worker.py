@@ -9,12 +9,12 @@ import time
 
 T_PROCESS = time.perf_counter()  # before any heavy import: the cold start counts the engine's imports
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import os
+import resource
+import sys
+from pathlib import Path
 
 
 def pin_threads(n: int) -> None:
@@ -61,7 +61,6 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     import numpy as np
-
     import workloads
     from checkpoint import load_checkpoint
     from engines import ENGINES
@@ -128,9 +127,8 @@ def main(argv=None) -> int:
 
 def profile(engine, ckpt, texts: list[str]) -> list[dict]:
     """Time the engine on the corpus cut into length-sorted batches of 32 (the ORT peers' batches), one by one."""
-    from tokenizers import Tokenizer
-
     from engines import BATCH
+    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(ckpt.path / "tokenizer.json"))
     tok.no_padding()
@@ -142,7 +140,7 @@ def profile(engine, ckpt, texts: list[str]) -> list[dict]:
         idx = order[s:s + BATCH]
         batch = [texts[i] for i in idx]
         engine.embed(batch)  # warm
-        best = min(timed_repeats(lambda: engine.embed(batch), 3, 5.0))
+        best = min(timed_repeats(lambda b=batch: engine.embed(b), 3, 5.0))
         real = [lens[i] for i in idx]
         out.append({"n": len(idx), "max_len": max(real), "real_tokens": sum(real), "padded_tokens": max(real) * len(idx),
                     "seconds": best, "useful_flops": sum(ckpt.flops_per_text(n) for n in real)})
