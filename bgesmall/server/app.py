@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hmac
 import json
 import time
@@ -26,9 +27,10 @@ from .inputs import prepare_input
 from .schemas import DEFAULT_MODEL_NAME, MAX_INPUTS, EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # 2048 token arrays of 510 ids fit with room to spare
-# Requests at least this large (characters or ids) are tokenized and serialized on a worker thread, so a
-# big request does not stall the event loop for everyone else; small ones are cheaper done inline.
-_OFFLOAD_SIZE = 20_000
+# Requests at least this large are tokenized (characters or ids) or serialized (rows) on a worker thread,
+# so that a big request does not stall the event loop for everyone else; small ones are cheaper inline.
+_OFFLOAD_CHARS = 20_000
+_OFFLOAD_ROWS = 64
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413)}
 
@@ -75,17 +77,17 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
             raise OpenAIError(400, f"This model has a fixed width of {model.dim} dimensions and cannot return "
                                    f"{request.dimensions}: leave 'dimensions' out or send {model.dim}.",
                               param="dimensions", code="invalid_value")
-        query = request.input_type == "query"
-        prepare = lambda: prepare_input(model, request.input, query=query, truncate=request.truncate,
-                                        max_inputs=max_inputs)
-        prepared = await _maybe_offload(prepare, _input_size(request.input))
+        prepare = functools.partial(prepare_input, model, request.input, query=request.input_type == "query",
+                                    truncate=request.truncate, max_inputs=max_inputs)
+        prepared = await _maybe_offload(prepare, _input_size(request.input) >= _OFFLOAD_CHARS)
         try:
             vectors = await batcher.submit(prepared.ids)
         except ValueError as exc:  # the model refused an input the checks above let through
             raise OpenAIError(400, str(exc), param="input") from exc
-        encode = lambda: _embedding_json(vectors, request.encoding_format or "float",
-                                         model_name, prepared.prompt_tokens)
-        return Response(await _maybe_offload(encode, vectors.size // 16), media_type="application/json")
+        encode = functools.partial(_embedding_json, vectors, request.encoding_format or "float", model_name,
+                                   prepared.prompt_tokens)
+        body = await _maybe_offload(encode, len(vectors) >= _OFFLOAD_ROWS)
+        return Response(body, media_type="application/json")
 
     @v1.get("/models", response_model=ModelList, summary="List models")
     async def list_models() -> dict:
@@ -135,10 +137,8 @@ def _input_size(input: Any) -> int:
     return sum(len(x) if isinstance(x, (str, list)) else 1 for x in input)
 
 
-async def _maybe_offload(fn, size: int):
-    if size < _OFFLOAD_SIZE:
-        return fn()
-    return await asyncio.to_thread(fn)
+async def _maybe_offload(fn, offload: bool):
+    return await asyncio.to_thread(fn) if offload else fn()
 
 
 def _embedding_json(vectors: np.ndarray, encoding_format: str, model_name: str, prompt_tokens: int) -> bytes:
