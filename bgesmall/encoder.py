@@ -58,13 +58,13 @@ def embeddings(cfg: BertConfig, w: BertWeights, ids: np.ndarray, positions: np.n
 def encoder_layer(cfg: BertConfig, lw: LayerWeights, offsets: np.ndarray, ws: Workspace) -> None:
     # ws.x [tokens, hidden] -> ws.x [tokens, hidden], in place
     eps = cfg.layer_norm_eps
-    np.matmul(ws.x, lw.qkv_w.T, out=ws.qkv)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
+    np.matmul(ws.x, lw.qkv_w, out=ws.qkv)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
     attention(ws.qkv, lw.qkv_b, offsets, cfg.num_attention_heads, ws.ctx)  # -> [tokens, hidden]
-    np.matmul(ws.ctx, lw.attn_out_w.T, out=ws.proj)  # [tokens, hidden] @ [hidden, hidden]
+    np.matmul(ws.ctx, lw.attn_out_w, out=ws.proj)  # [tokens, hidden] @ [hidden, hidden]
     residual_layernorm(ws.proj, lw.attn_out_b, ws.x, lw.attn_ln_gamma, lw.attn_ln_beta, eps, ws.x)
-    np.matmul(ws.x, lw.ffn_in_w.T, out=ws.ffn)  # [tokens, hidden] @ [hidden, ffn] -> [tokens, ffn]
+    np.matmul(ws.x, lw.ffn_in_w, out=ws.ffn)  # [tokens, hidden] @ [hidden, ffn] -> [tokens, ffn]
     bias_gelu(ws.ffn, lw.ffn_in_b)  # [tokens, ffn], in place
-    np.matmul(ws.ffn, lw.ffn_out_w.T, out=ws.proj)  # [tokens, ffn] @ [ffn, hidden] -> [tokens, hidden]
+    np.matmul(ws.ffn, lw.ffn_out_w, out=ws.proj)  # [tokens, ffn] @ [ffn, hidden] -> [tokens, hidden]
     residual_layernorm(ws.proj, lw.ffn_out_b, ws.x, lw.ffn_ln_gamma, lw.ffn_ln_beta, eps, ws.x)
 
 

@@ -21,9 +21,9 @@ from .weights import BertWeights, load_weights
 QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 
 # Tokens per forward pass. Large enough that every linear layer is an efficient matrix product, small
-# enough that a worker's activations (about 15 KB per token for bge-small) stay near 30 MB and that work
+# enough that a worker's activations (about 15 KB per token for bge-small) stay near 15 MB and that work
 # spreads evenly over the workers.
-DEFAULT_BATCH_TOKENS = 2048
+DEFAULT_BATCH_TOKENS = 1024
 # Below this many tokens in one call, one worker does it all: handing off costs more than it saves.
 MIN_TOKENS_TO_SPLIT = 64
 
@@ -169,12 +169,13 @@ class Model:
         total = sum(lengths)
         workers = self.threads if total >= MIN_TOKENS_TO_SPLIT else 1
         budget = min(DEFAULT_BATCH_TOKENS, max(MIN_TOKENS_TO_SPLIT, -(-total // workers)))
+        if workers == 1:
+            budget = DEFAULT_BATCH_TOKENS
         batches = list(token_budget_batches(lengths, budget))
-        with single_threaded_blas():
-            if workers == 1 or len(batches) == 1:
-                for batch in batches:
-                    out[batch] = self._forward([seqs[i] for i in batch])
-            else:
+        if len(batches) == 1:  # one small pass (a query): BLAS may use every core for its few rows
+            out[:] = self._forward(seqs)
+        else:  # data-parallel: each worker takes whole batches, single-threaded
+            with single_threaded_blas():
                 pool = self._workers()
                 jobs = [(b, pool.submit(self._forward, [seqs[i] for i in b])) for b in batches]
                 for batch, job in jobs:

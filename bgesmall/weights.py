@@ -1,8 +1,9 @@
 """Weights: one dataclass field per tensor, read from a safetensors file and checked against the config.
 
 Tensor names are the checkpoint's own (transformers' `modeling_bert.py`), with or without a `bert.` prefix.
-Linear weights keep PyTorch's [out, in] layout; the encoder multiplies by their transpose, which BLAS
-reads without a copy. Query, key and value are fused into one [3 * hidden, hidden] matrix at load.
+Linear weights are stored transposed, [in, out] and contiguous, so that y = x @ w: PyTorch keeps [out, in],
+and OpenBLAS multiplies a few rows (a query) by a contiguous [in, out] matrix twice as fast as by the
+transpose of an [out, in] one. Query, key and value are fused into one [hidden, 3 * hidden] matrix at load.
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ class EmbeddingWeights:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    qkv_w: np.ndarray  # [3 * hidden, hidden]  query, key, value stacked
+    qkv_w: np.ndarray  # [hidden, 3 * hidden]  query | key | value side by side
     qkv_b: np.ndarray  # [3 * hidden]
     attn_out_w: np.ndarray  # [hidden, hidden]
     attn_out_b: np.ndarray  # [hidden]
     attn_ln_gamma: np.ndarray  # [hidden]
     attn_ln_beta: np.ndarray  # [hidden]
-    ffn_in_w: np.ndarray  # [ffn, hidden]
+    ffn_in_w: np.ndarray  # [hidden, ffn]
     ffn_in_b: np.ndarray  # [ffn]
-    ffn_out_w: np.ndarray  # [hidden, ffn]
+    ffn_out_w: np.ndarray  # [ffn, hidden]
     ffn_out_b: np.ndarray  # [hidden]
     ffn_ln_gamma: np.ndarray  # [hidden]
     ffn_ln_beta: np.ndarray  # [hidden]
@@ -90,63 +91,82 @@ def _canonical(name: str) -> str:
     return name
 
 
-def _read_bf16(path: Path, name: str) -> np.ndarray:
-    """numpy has no bfloat16: read the raw 16-bit words and widen them to float32 (exact)."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        info = json.loads(fh.read(n))[name]
-        begin, end = info["data_offsets"]
-        fh.seek(8 + n + begin)
-        raw = np.frombuffer(fh.read(end - begin), dtype="<u2")
-    return (raw.astype(np.uint32) << 16).view(F32).reshape(info["shape"])
+class TensorFile:
+    """The tensors of one safetensors file, checked against the config before anything is copied.
 
+    `safetensors` validates the file and lists its tensors; the bytes of each tensor are then read straight
+    into a fresh float32 array with plain file reads, one tensor at a time, so loading holds no second copy
+    of the model (a memory map would add every page it touched to the process's resident memory).
+    """
 
-def read_tensors(path: Path, cfg: BertConfig) -> dict[str, np.ndarray]:
-    """Every expected tensor as float32, checked against the config. Errors name file, tensor and shapes."""
-    want = expected_shapes(cfg)
-    try:
-        fh = safe_open(str(path), framework="numpy")
-    except FileNotFoundError:
-        raise ModelLoadError(
-            f"{path} does not exist: the model folder needs model.safetensors (`bgesmall download` fetches it)"
-        ) from None
-    except Exception as e:  # safetensors raises its own error types for a truncated or corrupt header
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({e}); download it again") from e
-    out: dict[str, np.ndarray] = {}
-    with fh:
-        names = {_canonical(k): k for k in fh.keys()}
-        missing = [k for k in want if k not in names]
+    def __init__(self, path: Path, cfg: BertConfig):
+        self.path = path
+        self.want = expected_shapes(cfg)
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                stored = list(fh.keys())
+        except FileNotFoundError:
+            raise ModelLoadError(
+                f"{path} does not exist: the model folder needs model.safetensors (`bgesmall download` fetches it)"
+            ) from None
+        except Exception as e:  # safetensors raises its own error types for a truncated or corrupt header
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({e}); download it again") from e
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            self.header = json.loads(fh.read(n))
+        self.data_start = 8 + n
+        self.names = {_canonical(k): k for k in stored}
+        missing = [k for k in self.want if k not in self.names]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise ModelLoadError(
-                f"{path}: tensor {missing[0]!r}{more} is missing (expected shape {want[missing[0]]}); "
+                f"{path}: tensor {missing[0]!r}{more} is missing (expected shape {self.want[missing[0]]}); "
                 "is this a BERT checkpoint matching its config.json?"
             )
-        for name, shape in want.items():
-            sl = fh.get_slice(names[name])
-            found, dtype = tuple(sl.get_shape()), sl.get_dtype()
-            if found != shape:
+        for name, shape in self.want.items():
+            info = self.header[self.names[name]]
+            if tuple(info["shape"]) != shape:
                 raise ModelLoadError(
-                    f"{path}: tensor {name!r} has shape {found}, expected {shape} from config.json"
+                    f"{path}: tensor {name!r} has shape {tuple(info['shape'])}, expected {shape} from config.json"
                 )
-            if dtype == "BF16":
-                arr = _read_bf16(path, names[name])
-            elif dtype in ("F32", "F16", "F64"):
-                arr = fh.get_tensor(names[name])
-            else:
-                raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; expected F32, F16 or BF16")
-            out[name] = np.ascontiguousarray(arr, dtype=F32)
-    return out
+            if info["dtype"] not in _DTYPES:
+                raise ModelLoadError(
+                    f"{path}: tensor {name!r} has dtype {info['dtype']}; expected F32, F16 or BF16"
+                )
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor, by canonical name, as a C-contiguous float32 array of its checked shape."""
+        info = self.header[self.names[name]]
+        begin, end = info["data_offsets"]
+        raw = np.empty(end - begin, dtype=np.uint8)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.data_start + begin)
+            if fh.readinto(raw) != raw.size:
+                raise ModelLoadError(f"{self.path}: file ends inside tensor {name!r}; download it again")
+        dtype = info["dtype"]
+        if dtype == "BF16":  # numpy has no bfloat16: widen the 16-bit words to float32 (exact)
+            arr = (raw.view("<u2").astype(np.uint32) << 16).view(F32)
+        else:
+            arr = raw.view(_DTYPES[dtype]).astype(F32, copy=dtype != "F32")
+        return arr.reshape(self.want[name])
+
+
+_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+
+
+def _linear(w: np.ndarray) -> np.ndarray:
+    """PyTorch's [out, in] -> contiguous [in, out]."""
+    return np.ascontiguousarray(w.T)
 
 
 def load_weights(path: Path, cfg: BertConfig) -> BertWeights:
-    t = read_tensors(path, cfg)
+    t = TensorFile(path, cfg).get
     emb = EmbeddingWeights(
-        word=t["embeddings.word_embeddings.weight"],
-        position=t["embeddings.position_embeddings.weight"],
-        token_type=t["embeddings.token_type_embeddings.weight"],
-        ln_gamma=t["embeddings.LayerNorm.weight"],
-        ln_beta=t["embeddings.LayerNorm.bias"],
+        word=t("embeddings.word_embeddings.weight"),
+        position=t("embeddings.position_embeddings.weight"),
+        token_type=t("embeddings.token_type_embeddings.weight"),
+        ln_gamma=t("embeddings.LayerNorm.weight"),
+        ln_beta=t("embeddings.LayerNorm.bias"),
     )
     layers = []
     for i in range(cfg.num_hidden_layers):
@@ -154,18 +174,18 @@ def load_weights(path: Path, cfg: BertConfig) -> BertWeights:
         qkv = [p + f"attention.self.{n}." for n in ("query", "key", "value")]
         layers.append(
             LayerWeights(
-                qkv_w=np.concatenate([t[n + "weight"] for n in qkv], axis=0),
-                qkv_b=np.concatenate([t[n + "bias"] for n in qkv]),
-                attn_out_w=t[p + "attention.output.dense.weight"],
-                attn_out_b=t[p + "attention.output.dense.bias"],
-                attn_ln_gamma=t[p + "attention.output.LayerNorm.weight"],
-                attn_ln_beta=t[p + "attention.output.LayerNorm.bias"],
-                ffn_in_w=t[p + "intermediate.dense.weight"],
-                ffn_in_b=t[p + "intermediate.dense.bias"],
-                ffn_out_w=t[p + "output.dense.weight"],
-                ffn_out_b=t[p + "output.dense.bias"],
-                ffn_ln_gamma=t[p + "output.LayerNorm.weight"],
-                ffn_ln_beta=t[p + "output.LayerNorm.bias"],
+                qkv_w=_linear(np.concatenate([t(n + "weight") for n in qkv], axis=0)),
+                qkv_b=np.concatenate([t(n + "bias") for n in qkv]),
+                attn_out_w=_linear(t(p + "attention.output.dense.weight")),
+                attn_out_b=t(p + "attention.output.dense.bias"),
+                attn_ln_gamma=t(p + "attention.output.LayerNorm.weight"),
+                attn_ln_beta=t(p + "attention.output.LayerNorm.bias"),
+                ffn_in_w=_linear(t(p + "intermediate.dense.weight")),
+                ffn_in_b=t(p + "intermediate.dense.bias"),
+                ffn_out_w=_linear(t(p + "output.dense.weight")),
+                ffn_out_b=t(p + "output.dense.bias"),
+                ffn_ln_gamma=t(p + "output.LayerNorm.weight"),
+                ffn_ln_beta=t(p + "output.LayerNorm.bias"),
             )
         )
     return BertWeights(embeddings=emb, layers=tuple(layers))
