@@ -167,19 +167,22 @@ class Model:
         out = np.empty((len(seqs), self.dim), dtype=np.float32)
         lengths = [len(s) for s in seqs]
         total = sum(lengths)
-        workers = self.threads if total >= MIN_TOKENS_TO_SPLIT else 1
-        budget = min(DEFAULT_BATCH_TOKENS, max(MIN_TOKENS_TO_SPLIT, -(-total // workers)))
-        if workers == 1:
-            budget = DEFAULT_BATCH_TOKENS
+        budget = DEFAULT_BATCH_TOKENS
+        if total >= MIN_TOKENS_TO_SPLIT:  # at least one batch per worker
+            budget = min(budget, max(MIN_TOKENS_TO_SPLIT, -(-total // self.threads)))
         batches = list(token_budget_batches(lengths, budget))
-        if len(batches) == 1:  # one small pass (a query): BLAS may use every core for its few rows
+        if len(batches) == 1 and self.threads > 1:  # one small pass (a query): BLAS may use every core
             out[:] = self._forward(seqs)
         else:  # data-parallel: each worker takes whole batches, single-threaded
             with single_threaded_blas():
-                pool = self._workers()
-                jobs = [(b, pool.submit(self._forward, [seqs[i] for i in b])) for b in batches]
-                for batch, job in jobs:
-                    out[batch] = job.result()
+                if self.threads == 1:
+                    for batch in batches:
+                        out[batch] = self._forward([seqs[i] for i in batch])
+                else:
+                    pool = self._workers()
+                    jobs = [(b, pool.submit(self._forward, [seqs[i] for i in b])) for b in batches]
+                    for batch, job in jobs:
+                        out[batch] = job.result()
         return encoder.l2_normalize(out) if normalize else out
 
     def _workers(self) -> ThreadPoolExecutor:
