@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import BertConfig
+from .weights import expected_shapes
+
 __all__ = ["PRESETS", "Preset", "make_checkpoint", "make_weights", "write_safetensors", "main"]
 
 
@@ -118,33 +121,9 @@ def _noise(seed: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of transformers' BertModel state_dict (pooler included, as BAAI's file has it)."""
-    h, f = cfg["hidden_size"], cfg["intermediate_size"]
-    shapes = {
-        "embeddings.word_embeddings.weight": (cfg["vocab_size"], h),
-        "embeddings.position_embeddings.weight": (cfg["max_position_embeddings"], h),
-        "embeddings.token_type_embeddings.weight": (cfg["type_vocab_size"], h),
-        "embeddings.LayerNorm.weight": (h,),
-        "embeddings.LayerNorm.bias": (h,),
-    }
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"encoder.layer.{i}."
-        for proj in ("query", "key", "value"):
-            shapes[p + f"attention.self.{proj}.weight"] = (h, h)
-            shapes[p + f"attention.self.{proj}.bias"] = (h,)
-        shapes[p + "attention.output.dense.weight"] = (h, h)
-        shapes[p + "attention.output.dense.bias"] = (h,)
-        shapes[p + "attention.output.LayerNorm.weight"] = (h,)
-        shapes[p + "attention.output.LayerNorm.bias"] = (h,)
-        shapes[p + "intermediate.dense.weight"] = (f, h)
-        shapes[p + "intermediate.dense.bias"] = (f,)
-        shapes[p + "output.dense.weight"] = (h, f)
-        shapes[p + "output.dense.bias"] = (h,)
-        shapes[p + "output.LayerNorm.weight"] = (h,)
-        shapes[p + "output.LayerNorm.bias"] = (h,)
-    shapes["pooler.dense.weight"] = (h, h)
-    shapes["pooler.dense.bias"] = (h,)
-    return shapes
+    """Every tensor of transformers' BertModel state_dict: what the engine reads, plus the pooler (BAAI's file has it)."""
+    h = cfg["hidden_size"]
+    return {**expected_shapes(BertConfig.from_dict(cfg)), "pooler.dense.weight": (h, h), "pooler.dense.bias": (h,)}
 
 
 def make_weights(
