@@ -317,8 +317,6 @@ def _numba_cache_dir() -> str:
 
 
 def info_dict(model) -> dict:
-    import numba
-
     from . import download
 
     cfg = model.config
@@ -333,8 +331,7 @@ def info_dict(model) -> dict:
         "layers": cfg.num_hidden_layers,
         "heads": cfg.num_attention_heads,
         "vocab_size": cfg.vocab_size,
-        "numba_threads": numba.get_num_threads(),
-        "numba_threading_layer": numba.config.THREADING_LAYER,
+        "worker_threads": model.threads,
         "blas_threads": _blas_threads(),
         "numba_cache": _numba_cache_dir(),
     }
@@ -354,8 +351,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("max tokens", f"{info['max_tokens']} (incl. [CLS] and [SEP])"),
         ("pooling", info["pooling"]),
         ("layers", f"{info['layers']} ({info['heads']} heads, vocab {info['vocab_size']:,})"),
-        ("numba threads", f"{info['numba_threads']} (threading layer: {info['numba_threading_layer']})"),
-        ("BLAS threads", info["blas_threads"]),
+        ("threads", f"{info['worker_threads']} workers, one per core, each single-threaded "
+                    "(set BGESMALL_NUM_THREADS to change); numba kernels are serial"),
+        ("BLAS threads", f"{info['blas_threads']} (held at 1 while bgesmall runs batches)"),
         ("numba cache", info["numba_cache"]),
     ]
     for key, value in rows:

@@ -172,7 +172,7 @@ def test_similarity_and_info(minilm, model, capsys):
     assert cli.main(["info", "--model", str(minilm), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["dim"] == 384 and info["pooling"] == "mean" and info["max_tokens"] == 256
-    assert info["parameters"] == model.num_parameters and info["numba_threads"] >= 1 and info["numba_cache"]
+    assert info["parameters"] == model.num_parameters and info["worker_threads"] >= 1 and info["numba_cache"]
     assert cli.main(["info", "--model", str(minilm)]) == 0
     out = capsys.readouterr().out
     for key in ("model:", "path:", "dimensions:", "parameters:", "max tokens:", "pooling:", "numba threads:",
