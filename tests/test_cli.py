@@ -175,7 +175,7 @@ def test_similarity_and_info(minilm, model, capsys):
     assert info["parameters"] == model.num_parameters and info["worker_threads"] >= 1 and info["numba_cache"]
     assert cli.main(["info", "--model", str(minilm)]) == 0
     out = capsys.readouterr().out
-    for key in ("model:", "path:", "dimensions:", "parameters:", "max tokens:", "pooling:", "numba threads:",
+    for key in ("model:", "path:", "dimensions:", "parameters:", "max tokens:", "pooling:", "threads:",
                 "BLAS threads:", "numba cache:"):
         assert key in out
 
