@@ -4,6 +4,7 @@
                                [--workloads corpus,sts,query] [--profile] [--markdown FILE]
 
 Each (engine, workload) runs in its own subprocess (benchmarks/worker.py) so peak RSS and start-up are clean;
+the engines take turns on each workload (so a burst of load on the shared machine hits them alike);
 each engine first gets two start-only processes (cold, then warm; for bgesmall "cold" means an empty
 NUMBA_CACHE_DIR). Prints one markdown table per workload plus start-up and the sgemm roofline.
 --quick: 1/5 of the texts, 1 repeat: for developing, not for figures.
@@ -153,29 +154,33 @@ def main(argv=None) -> int:
 
     run_dir = CACHE_DIR / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
+    # Workload-major order: the engines take turns on each workload, so the noise of a shared machine falls on
+    # all of them within minutes of each other rather than on whichever engine happened to run during a burst.
+    results: dict[str, dict] = {e: {} for e in engines}
+    envs, tmps = {}, []
     for e in engines:
-        env = dict(os.environ)  # OPENBLAS_CORETYPE & co. are passed through untouched, and recorded
-        tmp = None
+        env = envs[e] = dict(os.environ)  # OPENBLAS_CORETYPE & co. are passed through untouched, and recorded
         if e == "bgesmall":
-            tmp = tempfile.TemporaryDirectory(prefix="bench-numba-")
-            env["NUMBA_CACHE_DIR"] = tmp.name  # empty: the first start compiles every kernel
-        r = results[e] = {}
+            tmps.append(tempfile.TemporaryDirectory(prefix="bench-numba-"))
+            env["NUMBA_CACHE_DIR"] = tmps[-1].name  # empty: the first start compiles every kernel
         for label in ("start_cold", "start_warm"):
             log(f"{e}: {label}")
-            r[label] = run_worker(e, "start", args, ckpt, env)
-        for w in wanted + (["profile"] if args.profile and e in ("bgesmall", "ort-fp32") else []):
+            results[e][label] = run_worker(e, "start", args, ckpt, env)
+    for w in wanted + (["profile"] if args.profile else []):
+        for e in engines:
+            if w == "profile" and e not in ("bgesmall", "ort-fp32"):
+                continue
             log(f"{e}: {w}")
             save = run_dir / f"{e}-{w}.npy" if w in ("corpus", "sts") else None
-            r[w] = run_worker(e, w, args, ckpt, env, save)
-            if "error" in r[w]:
-                log(f"  error: {r[w]['error']}")
-            elif "median_s" in r[w]:
-                log(f"  {r[w]['n'] / r[w]['median_s']:.1f} texts/s")
-            elif "p50_s" in r[w]:
-                log(f"  p50 {r[w]['p50_s'] * 1e3:.2f} ms")
-        if tmp:
-            tmp.cleanup()
+            r = results[e][w] = run_worker(e, w, args, ckpt, envs[e], save)
+            if "error" in r:
+                log(f"  error: {r['error']}")
+            elif "median_s" in r:
+                log(f"  {r['n'] / r['median_s']:.1f} texts/s")
+            elif "p50_s" in r:
+                log(f"  p50 {r['p50_s'] * 1e3:.2f} ms")
+    for t in tmps:
+        t.cleanup()
 
     opprof = ""
     if args.profile and "bgesmall" in engines and "corpus" in wanted:
