@@ -68,7 +68,11 @@ def attention(qkv, qkv_b, offsets, num_heads, out):
                     m = max(m, p[j])
                 for j in range(n):
                     p[j] -= m
-                inv = np.float32(1.0) / exp_nonpositive(p_real, bits)
+                exp_nonpositive(p_real, bits)
+                total = np.float32(0.0)
+                for j in range(n):
+                    total += p[j]
+                inv = np.float32(1.0) / total
                 for j in range(n, padded):
                     p[j] = 0.0
                 for c in range(d):  # weighted sum: [padded] . [padded] per head dimension

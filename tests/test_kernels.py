@@ -63,16 +63,16 @@ def test_bias_gelu(tokens):
     np.testing.assert_allclose(x, want, atol=2e-6, rtol=1e-6)
 
 
-def test_exp_nonpositive_and_its_sum():
+def test_exp_nonpositive():
     x = -np.abs(rng.standard_normal(1000) * 30).astype(np.float32)
     x[:3] = [0.0, -1e-8, -100.0]
     want = np.exp(x.astype(np.float64))
     bits = np.empty(1000, dtype=np.int32)
-    total = exp_nonpositive(x, bits)
+    exp_nonpositive(x, bits)
     big = want > 1e-30
     assert np.max(np.abs(x[big] - want[big]) / want[big]) < 3e-7
     assert np.all(np.abs(x[~big]) < 1e-30)
-    assert abs(total - want.sum()) / want.sum() < 1e-6
+    assert abs(x.astype(np.float64).sum() - want.sum()) / want.sum() < 1e-6
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 512])
