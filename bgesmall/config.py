@@ -33,10 +33,6 @@ class BertConfig:
     pad_token_id: int = 0
 
     @property
-    def head_size(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def num_parameters(self) -> int:
         """Encoder parameters (embeddings, layers); the pooler, unused for embeddings, is not counted."""
         h, f = self.hidden_size, self.intermediate_size
@@ -71,10 +67,6 @@ class BertConfig:
                 f"{cfg.num_attention_heads}"
             )
         return cfg
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {"architectures": ["BertModel"], "model_type": "bert", "position_embedding_type": "absolute", **d}
 
 
 BGE_SMALL = BertConfig()  # BAAI/bge-small-en-v1.5

@@ -75,6 +75,10 @@ class Model:
 
     @property
     def name(self) -> str:
+        """The folder's name; for a Hugging Face cache snapshot (models--ORG--NAME/snapshots/REV), ORG/NAME."""
+        repo = self.path.parent.parent.name
+        if self.path.parent.name == "snapshots" and repo.startswith("models--"):
+            return repo[len("models--") :].replace("--", "/")
         return self.path.name
 
     @property
@@ -206,9 +210,15 @@ class Model:
 
     def embed_iter(self, texts: Iterable[str], *, chunk_size: int = 256, query: bool = False, truncate: bool = True) -> Iterator[np.ndarray]:
         """Stream: pulls `chunk_size` texts at a time, yields one [k, dim] block per chunk, in order."""
+        if isinstance(texts, str):
+            raise TypeError("expected an iterable of strings, got a single str: wrap it as [text]")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a whole number >= 1, got {chunk_size!r}")
         embed = self.embed_queries if query else self.embed
         chunk: list[str] = []
-        for t in texts:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"input {i} is {type(t).__name__}, not str")
             chunk.append(t)
             if len(chunk) == chunk_size:
                 yield embed(chunk, truncate=truncate)
@@ -236,10 +246,12 @@ class Model:
         texts = check_texts([sentences] if single else sentences)
         if prompt:
             texts = [prompt + t for t in texts]
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         normalize = normalize_embeddings or self.embedder.normalize
         bar = Progress(len(texts), enabled=bool(show_progress_bar))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), max(1, batch_size)):
+        for start in range(0, len(texts), batch_size):
             part = texts[start : start + batch_size]
             out[start : start + len(part)] = self.embed(part, normalize=normalize)
             bar.update(len(part))
@@ -256,8 +268,12 @@ def load(path=None, *, threads: int | None = None) -> Model:
         from .locate import find_model_dir
 
         path = find_model_dir()
+    if threads is None:
+        threads = default_workers()
+    elif not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
     files = ModelFiles.in_folder(path)
     config = read_bert_config(files.folder)
     embedder = EmbedderConfig.from_folder(files.folder, config)
     weights = load_weights(files.weights, config)
-    return Model(files, config, embedder, weights, threads or default_workers())
+    return Model(files, config, embedder, weights, threads)

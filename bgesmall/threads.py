@@ -29,7 +29,7 @@ def default_workers() -> int:
         try:
             return max(1, int(env))
         except ValueError:
-            raise ValueError(f"{ENV_THREADS}={env!r} is not a whole number of threads") from None
+            raise ValueError(f"{ENV_THREADS}={env!r} is not a whole number of threads: unset it or set e.g. 2") from None
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux

@@ -29,12 +29,13 @@ def check_texts(texts) -> list[str]:
 
 
 def _clean(text: str) -> str:
-    """Lone surrogates (which no UTF-8 encoder accepts) become U+FFFD, as a browser would show them."""
+    """Surrogates, which no UTF-8 encoder accepts: a split pair is joined into its character, and a lone one
+    becomes one U+FFFD, as a browser would show it."""
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 class Tokenizer:
@@ -50,7 +51,6 @@ class Tokenizer:
         self.max_tokens = max_tokens
         self.cls_id = self._special("[CLS]", path)
         self.sep_id = self._special("[SEP]", path)
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def _special(self, token: str, path: Path) -> int:
         i = self._tok.token_to_id(token)
@@ -77,7 +77,3 @@ class Tokenizer:
                 seq = seq[:room]
             out.append([self.cls_id, *seq, self.sep_id])
         return out
-
-    def encode(self, texts: Sequence[str], *, truncate: bool = True) -> list[list[int]]:
-        """Full model inputs: [CLS] text [SEP], truncated to max_tokens."""
-        return self.wrap(self.content_ids(texts), truncate=truncate)

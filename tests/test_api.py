@@ -187,3 +187,28 @@ def test_library_never_imports_heavy_frameworks(minilm_dir):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_name_of_a_hugging_face_cache_snapshot(tiny_dir, tmp_path):
+    snap = tmp_path / "models--BAAI--bge-small-en-v1.5" / "snapshots" / "5c38ec7c"
+    shutil.copytree(tiny_dir, snap)
+    assert bgesmall.load(snap).name == "BAAI/bge-small-en-v1.5"
+    assert bgesmall.load(tiny_dir).name == "tiny"
+
+
+def test_settings_are_checked_where_they_are_given(minilm, minilm_dir):
+    with pytest.raises(ValueError, match="batch_size must be"):
+        minilm.encode(["a", "b"], batch_size=0)
+    with pytest.raises(ValueError, match="threads must be"):
+        bgesmall.load(minilm_dir, threads=0)
+    with pytest.raises(TypeError, match="single str"):
+        next(minilm.embed_iter("hello"))
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        next(minilm.embed_iter(["a"], chunk_size=0))
+    with pytest.raises(TypeError, match="input 7 is int"):
+        list(minilm.embed_iter(["a"] * 7 + [3], chunk_size=5))
+
+
+def test_split_surrogate_pair_is_the_character_and_a_lone_one_one_replacement(minilm):
+    np.testing.assert_array_equal(minilm.embed(["a \ud83d\ude00 b"]), minilm.embed(["a 😀 b"]))
+    np.testing.assert_array_equal(minilm.embed(["x \ud800 y"]), minilm.embed(["x \ufffd y"]))
