@@ -134,7 +134,9 @@ class JsonlWriter:
                 obj.pop("embedding", None)
             else:
                 obj = {"index": self.rows, "text": text}
-            self.f.write(json.dumps(obj, ensure_ascii=False)[:-1] + ', "embedding": ' + _row_json(row) + "}\n")
+            # ASCII escapes keep every text writable, lone surrogates included; the line stays valid JSON.
+            head = json.dumps(obj, ensure_ascii=True)[:-1] + (", " if obj else "")
+            self.f.write(head + '"embedding": ' + _row_json(row) + "}\n")
             self.rows += 1
 
     def close(self) -> None:
@@ -253,7 +255,7 @@ def _embed_stream(args, texts: Iterable[str], total: int | None, out: Path | Non
         else:
             writer = JsonArrayWriter(sys.stdout)
     except OSError as e:
-        raise CLIError(f"cannot write {out}: {e.strerror}") from None
+        raise CLIError(f"cannot write {out or 'standard output'}: {e.strerror or e}") from None
     bar = _progress(total, enabled=not args.quiet)
     ok = False
     try:
@@ -271,10 +273,13 @@ def _embed_stream(args, texts: Iterable[str], total: int | None, out: Path | Non
         raise CLIError(f"cannot write {out or 'standard output'}: {e.strerror or e}") from None
     finally:
         bar.close()
-        if ok:
-            writer.close()
-        else:
+        if not ok:
             writer.abort()
+    try:
+        writer.close()
+    except OSError as e:
+        writer.abort()
+        raise CLIError(f"cannot write {out or 'standard output'}: {e.strerror or e}") from None
     if out is not None:
         print(f"{PROG} embed: wrote {writer.rows} embeddings x {model.dim} to {out}", file=sys.stderr)
     return 0
@@ -564,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         ModelLoadError = ValueError  # noqa: N806
     try:
         return int(args.func(args) or 0)
-    except (CLIError, download.DownloadError, FileNotFoundError, ModelLoadError) as e:
+    except (CLIError, download.DownloadError, FileNotFoundError, ModelLoadError, ValueError) as e:
+        # ValueError: the library's own input and settings errors, written to be read (e.g. BGESMALL_NUM_THREADS)
         print(f"{PROG} {args.command}: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. `bgesmall embed ... | head`: the reader left; not an error of ours

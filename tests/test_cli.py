@@ -231,3 +231,31 @@ def test_download_check_verifies_a_copied_folder(tmp_path, capsys, monkeypatch):
     assert cli.main(["download", "--check", "--to", str(tmp_path / "m")]) == 1
     captured = capsys.readouterr()
     assert "mismatch" in captured.out and "model.safetensors mismatch" in captured.err
+
+
+def test_jsonl_output_with_surrogates_and_an_embedding_field(tmp_path, minilm, model, capsys):
+    (tmp_path / "in.jsonl").write_text('{"text": "a\\ud800b"}\n{"embedding": "old", "text": "c"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["embed", "--model", str(minilm), "-i", str(tmp_path / "in.jsonl"), "-o", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="ascii").splitlines()]
+    assert rows[0]["text"] == "a\ud800b" and rows[1]["text"] == "c"
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows], dtype=np.float32),
+                               model.embed(["a\ud800b", "c"]), atol=1e-6)
+    (tmp_path / "only.jsonl").write_text('{"embedding": [1]}\n', encoding="utf-8")  # the field is the old vector
+    out2 = tmp_path / "out2.jsonl"
+    assert cli.main(["embed", "--model", str(minilm), "-i", str(tmp_path / "only.jsonl"), "--field", "embedding",
+                     "-o", str(out2)]) == 1  # not a string: said on stderr, nothing written
+    assert not out2.exists()
+
+
+def test_output_that_cannot_be_finished_exits_1_and_leaves_nothing(tmp_path, minilm, capsys):
+    (tmp_path / "dir.npy").mkdir()
+    assert cli.main(["embed", "--model", str(minilm), "-o", str(tmp_path / "dir.npy"), "x"]) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.npy"]
+
+
+def test_bad_thread_setting_exits_1_with_the_reason(minilm, capsys, monkeypatch):
+    monkeypatch.setenv("BGESMALL_NUM_THREADS", "abc")
+    assert cli.main(["info", "--model", str(minilm)]) == 1
+    assert "BGESMALL_NUM_THREADS='abc' is not a whole number" in capsys.readouterr().err
