@@ -471,3 +471,20 @@ def test_sigterm_finishes_the_request_in_flight(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_lone_surrogate_in_a_field_is_a_clean_error(http):
+    raw = b'{"input": "x", "model": "\\ud800"}'  # valid JSON, a string no UTF-8 encoder accepts
+    assert_error(http.post("/v1/embeddings", content=raw, headers={"Content-Type": "application/json"}),
+                 404, code="model_not_found", param="model")
+
+
+@pytest.mark.parametrize("argv", [["--max-batch-tokens", "0"], ["--max-batch-size", "-1"],
+                                  ["--max-request-bytes", "-5"], ["--max-wait-ms", "-1"]])
+def test_serve_rejects_bad_limits_as_usage_errors(argv, capsys):
+    from bgesmall import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", *argv])
+    assert e.value.code == 2
+    assert "must be" in capsys.readouterr().err

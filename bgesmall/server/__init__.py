@@ -14,6 +14,26 @@ INSTALL_HINT = 'the server needs FastAPI and uvicorn: pip install "bgesmall[serv
 API_KEY_ENV = "BGESMALL_API_KEY"
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the serve options to `parser` (a sub-command parser or a fresh one)."""
     parser.add_argument("--model", metavar="DIR", default=None,
@@ -28,14 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     batching = parser.add_argument_group("dynamic batching")
     batching.add_argument("--no-batching", action="store_true",
                           help="run every request as its own forward pass")
-    batching.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N",
+    batching.add_argument("--max-batch-tokens", type=_positive_int, default=2048, metavar="N",
                           help="token budget of one forward pass, [CLS]/[SEP] included; larger requests are "
                                "split into turns of this size (default 2048)")
-    batching.add_argument("--max-batch-size", type=int, default=256, metavar="N",
+    batching.add_argument("--max-batch-size", type=_positive_int, default=256, metavar="N",
                           help="most inputs in one forward pass (default 256)")
-    batching.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
+    batching.add_argument("--max-wait-ms", type=_non_negative_float, default=2.0, metavar="MS",
                           help="how long a request waits for others to share its forward pass (default 2)")
-    parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024, metavar="N",
+    parser.add_argument("--max-request-bytes", type=_positive_int, default=16 * 1024 * 1024, metavar="N",
                         help="larger request bodies get 413 (default 16 MiB)")
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip the warm-up forward pass (numba compilation) before listening")

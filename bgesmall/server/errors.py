@@ -18,6 +18,14 @@ INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 
 
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote the caller's text, lone surrogates included,
+    which Starlette's UTF-8 JSONResponse cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 class OpenAIError(Exception):
     """An error answered as {"error": {...}} with `status`."""
 
@@ -34,8 +42,8 @@ class OpenAIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def error_body(message: str, *, type: str = INVALID_REQUEST, param: str | None = None,
@@ -80,15 +88,15 @@ _STATUS_CODES = {404: "unknown_url", 405: "method_not_allowed"}
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
-    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    async def _openai_error(request: Request, exc: OpenAIError) -> ErrorResponse:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _request_validation(request: Request, exc: RequestValidationError) -> ErrorResponse:
         return _validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> ErrorResponse:
         if exc.status_code == 404 and exc.detail == "Not Found":
             message = f"Unknown request URL: {request.method} {request.url.path}."
         elif exc.status_code == 405:
@@ -100,7 +108,7 @@ def install_handlers(app: FastAPI) -> None:
                            headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> ErrorResponse:
         log.exception("unhandled error for %s %s", request.method, request.url.path)
         return OpenAIError(500, "The server had an error while processing your request.",
                            type=SERVER_ERROR).response()
