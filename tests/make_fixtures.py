@@ -24,7 +24,6 @@ embeddings by far more than the 1e-5 tolerance.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import sys
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 import bgesmall.synthetic as synthetic
+from bgesmall.download import file_hashes
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SEED = 0  # of the synthetic bge-shaped checkpoint
@@ -88,11 +88,7 @@ CLS, SEP = 101, 102
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hashes(path)[0]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

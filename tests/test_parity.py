@@ -12,7 +12,6 @@ bfloat16 files (their references were computed from the same rounded weights, wi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 import bgesmall
 import bgesmall.encoder
 from bgesmall import synthetic
+from bgesmall.download import file_hashes
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOLERANCE = 1e-5  # max abs difference on normalized embeddings (issue 2); never loosened
@@ -34,11 +34,7 @@ BGE = META["bge_synthetic"]
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hashes(path)[0]
 
 
 def assert_parity(got: np.ndarray, want: np.ndarray, labels, tol: float = TOLERANCE) -> None:
