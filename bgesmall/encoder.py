@@ -10,7 +10,7 @@ linear layer is one large matrix product over every token of the batch. Mirrors 
                 x = LayerNorm(x + gelu(x W_i + b_i) W_f + b_f)
 
 Shortcuts, stated openly: single-segment input only (token type 0, as embedding models use); no head mask,
-no cross-attention, no KV cache.
+no cross-attention, no KV cache. Attention takes one of two paths by sequence length (`self_attention`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import BertConfig
-from .kernels import attention, bias_gelu, embed_layernorm, residual_layernorm
+from .kernels import attention, bias_gelu, embed_layernorm, residual_layernorm, softmax_rows
 from .weights import BertWeights, LayerWeights
 
 
@@ -55,11 +55,51 @@ def embeddings(cfg: BertConfig, w: BertWeights, ids: np.ndarray, positions: np.n
     embed_layernorm(ids, positions, e.word, e.position, e.token_type[0], e.ln_gamma, e.ln_beta, cfg.layer_norm_eps, out)
 
 
-def encoder_layer(cfg: BertConfig, lw: LayerWeights, offsets: np.ndarray, ws: Workspace) -> None:
+# From this length on, a sequence's attention runs as two BLAS GEMMs per head around the numba softmax; shorter
+# ones (queries, short sentences) take the fused numba kernel. Measured on one thread (benchmarks/opprofile.py):
+# the GEMM path is about 2x the fused kernel's rate at 64-512 tokens and still ahead at 16, while for a
+# 9-token query the fused kernel wins (8.8 vs 9.5 ms), numpy's per-call overhead dominating there.
+LONG_SEQUENCE = 16
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Where each packed sequence lives, split by the attention path it takes."""
+
+    offsets: np.ndarray  # [sequences + 1] int64
+    short_starts: np.ndarray  # [short sequences] int64
+    short_lengths: np.ndarray  # [short sequences] int64
+    long_spans: tuple[tuple[int, int], ...]  # (start, end) of each sequence of LONG_SEQUENCE tokens or more
+
+    @classmethod
+    def from_offsets(cls, offsets: np.ndarray) -> "Sequences":
+        starts, lengths = offsets[:-1], np.diff(offsets)
+        short = lengths < LONG_SEQUENCE
+        spans = tuple((int(s), int(s + n)) for s, n in zip(starts[~short], lengths[~short]))
+        return cls(offsets, np.ascontiguousarray(starts[short]), np.ascontiguousarray(lengths[short]), spans)
+
+
+def self_attention(cfg: BertConfig, qkv: np.ndarray, qkv_b: np.ndarray, seqs: Sequences, out: np.ndarray) -> None:
+    # qkv [tokens, 3 hidden] (bias not yet added), qkv_b [3 hidden] -> out [tokens, hidden]
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    d = hidden // heads
+    attention(qkv, qkv_b, seqs.short_starts, seqs.short_lengths, heads, out)
+    for start, end in seqs.long_spans:
+        n = end - start
+        rows = qkv[start:end] + qkv_b  # [n, 3 hidden]
+        q = rows[:, :hidden].reshape(n, heads, d).transpose(1, 0, 2)  # [heads, n, d]
+        k_t = rows[:, hidden : 2 * hidden].reshape(n, heads, d).transpose(1, 2, 0)  # [heads, d, n]
+        v = rows[:, 2 * hidden :].reshape(n, heads, d).transpose(1, 0, 2)  # [heads, n, d]
+        scores = np.matmul(q, k_t)  # [heads, n, n]
+        softmax_rows(scores, np.float32(1.0 / np.sqrt(d)))
+        out[start:end].reshape(n, heads, d).transpose(1, 0, 2)[...] = np.matmul(scores, v)  # [heads, n, d]
+
+
+def encoder_layer(cfg: BertConfig, lw: LayerWeights, seqs: Sequences, ws: Workspace) -> None:
     # ws.x [tokens, hidden] -> ws.x [tokens, hidden], in place
     eps = cfg.layer_norm_eps
     np.matmul(ws.x, lw.qkv_w, out=ws.qkv)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
-    attention(ws.qkv, lw.qkv_b, offsets, cfg.num_attention_heads, ws.ctx)  # -> [tokens, hidden]
+    self_attention(cfg, ws.qkv, lw.qkv_b, seqs, ws.ctx)  # -> [tokens, hidden]
     np.matmul(ws.ctx, lw.attn_out_w, out=ws.proj)  # [tokens, hidden] @ [hidden, hidden]
     residual_layernorm(ws.proj, lw.attn_out_b, ws.x, lw.attn_ln_gamma, lw.attn_ln_beta, eps, ws.x)
     np.matmul(ws.x, lw.ffn_in_w, out=ws.ffn)  # [tokens, hidden] @ [hidden, ffn] -> [tokens, ffn]
@@ -75,8 +115,9 @@ def encode(cfg: BertConfig, w: BertWeights, ids: np.ndarray, offsets: np.ndarray
     ws = ws.views(tokens)
     positions = (np.arange(tokens, dtype=np.int64) - np.repeat(offsets[:-1], np.diff(offsets))).astype(np.int32)
     embeddings(cfg, w, ids, positions, ws.x)
+    seqs = Sequences.from_offsets(offsets)
     for lw in w.layers:
-        encoder_layer(cfg, lw, offsets, ws)
+        encoder_layer(cfg, lw, seqs, ws)
     return ws.x
 
 

@@ -13,7 +13,7 @@ Decorator policy, written down once (see `jit.py`):
 """
 
 from .activations import bias_gelu, erf, exp_nonpositive, gelu
-from .attention import attention
+from .attention import attention, softmax_rows
 from .layernorm import embed_layernorm, residual_layernorm
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "exp_nonpositive",
     "gelu",
     "residual_layernorm",
+    "softmax_rows",
 ]

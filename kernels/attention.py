@@ -1,7 +1,9 @@
 """Self-attention over packed sequences: scores, softmax and the weighted sum of values, fused.
 
 Sequences are packed back to back without padding, so there is nothing to mask: sequence s owns token rows
-offsets[s]:offsets[s + 1], and attention never reads outside them. Each (sequence, head) pair is independent.
+starts[s]:starts[s] + lengths[s], and attention never reads outside them. Each (sequence, head) pair is
+independent. `attention` is the fused kernel, best for short sequences; for long ones the encoder runs the two
+products as BLAS GEMMs around `softmax_rows` (see bgesmall/encoder.py, `self_attention`).
 Mirrors transformers' `BertSelfAttention` (eager path): softmax(q k^T / sqrt(d) + mask) v, with the query,
 key and value biases added here rather than in a separate pass.
 
@@ -21,17 +23,18 @@ LANES = 16  # float32 lanes of an AVX-512 register
 
 
 # reassoc + contract only (no nnan/ninf): sums may be reordered so they vectorize; inf and NaN keep their meaning.
-@kernel("void(f4[:, ::1], f4[::1], i8[::1], i8, f4[:, ::1])", fastmath={"contract", "reassoc"})
-def attention(qkv, qkv_b, offsets, num_heads, out):
+@kernel("void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, f4[:, ::1])", fastmath={"contract", "reassoc"})
+def attention(qkv, qkv_b, starts, lengths, num_heads, out):
     # qkv [tokens, 3 * hidden] (query | key | value, bias not yet added), qkv_b [3 * hidden],
-    # offsets [sequences + 1], out [tokens, hidden] <- per head h: softmax(q_h k_h^T / sqrt(d)) v_h
+    # starts, lengths [sequences], out [tokens, hidden] <- per sequence and head h: softmax(q_h k_h^T / sqrt(d)) v_h
+    # (rows of out outside the given sequences are left as they are)
     hidden = out.shape[1]
     d = hidden // num_heads
     scale = np.float32(1.0 / np.sqrt(d))
-    n_seq = offsets.shape[0] - 1
+    n_seq = starts.shape[0]
     longest = 0
     for s in range(n_seq):
-        longest = max(longest, offsets[s + 1] - offsets[s])
+        longest = max(longest, lengths[s])
     width = (longest + LANES - 1) // LANES * LANES
     k_t = np.zeros((d, width), dtype=np.float32)  # keys of one head, [d, padded length]
     v_t = np.zeros((d, width), dtype=np.float32)  # values of one head, [d, padded length]
@@ -39,8 +42,8 @@ def attention(qkv, qkv_b, offsets, num_heads, out):
     bits = np.empty(width, dtype=np.int32)  # scratch for exp
     q = np.empty(d, dtype=np.float32)
     for s in range(n_seq):
-        start = offsets[s]
-        n = offsets[s + 1] - start
+        start = starts[s]
+        n = lengths[s]
         padded = (n + LANES - 1) // LANES * LANES
         p = p_buf[:padded]
         p_real = p_buf[:n]
@@ -80,3 +83,24 @@ def attention(qkv, qkv_b, offsets, num_heads, out):
                     for j in range(padded):
                         acc += p[j] * v_t[c, j]
                     out[start + i, qo + c] = acc * inv + qkv_b[vo + c]
+
+
+@kernel("void(f4[:, :, ::1], f4)", fastmath={"contract", "reassoc"})
+def softmax_rows(x, scale):  # [heads, n, n] raw scores -> softmax(x * scale) along the last axis, in place
+    n = x.shape[2]
+    bits = np.empty(n, dtype=np.int32)
+    for h in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            row = x[h, i]
+            m = row[0]
+            for j in range(n):
+                m = max(m, row[j])
+            for j in range(n):
+                row[j] = (row[j] - m) * scale
+            exp_nonpositive(row, bits)
+            total = np.float32(0.0)
+            for j in range(n):
+                total += row[j]
+            inv = np.float32(1.0) / total
+            for j in range(n):
+                row[j] *= inv

@@ -5,7 +5,18 @@ import math
 import numpy as np
 import pytest
 
-from bgesmall.kernels import attention, bias_gelu, embed_layernorm, erf, exp_nonpositive, gelu, residual_layernorm
+from bgesmall.config import BertConfig
+from bgesmall.encoder import LONG_SEQUENCE, Sequences, self_attention
+from bgesmall.kernels import (
+    attention,
+    bias_gelu,
+    embed_layernorm,
+    erf,
+    exp_nonpositive,
+    gelu,
+    residual_layernorm,
+    softmax_rows,
+)
 
 rng = np.random.default_rng(1234)
 
@@ -117,7 +128,7 @@ def test_attention_packed_sequences(lengths):
     qkv = (rng.standard_normal((offsets[-1], 3 * hidden)) * 2).astype(np.float32)
     bias = rng.standard_normal(3 * hidden).astype(np.float32)
     out = np.empty((offsets[-1], hidden), dtype=np.float32)
-    attention(qkv, bias, offsets, heads, out)
+    attention(qkv, bias, offsets[:-1].copy(), np.diff(offsets), heads, out)
     np.testing.assert_allclose(out, ref_attention(qkv, bias, offsets, heads), atol=2e-5, rtol=1e-5)
 
 
@@ -127,11 +138,11 @@ def test_attention_never_reads_across_sequences():
     bias = np.zeros(3 * hidden, np.float32)
     offsets = np.array([0, 4, 10], dtype=np.int64)
     out = np.empty((10, hidden), np.float32)
-    attention(qkv, bias, offsets, heads, out)
+    attention(qkv, bias, offsets[:-1].copy(), np.diff(offsets), heads, out)
     qkv2 = qkv.copy()
     qkv2[4:] = 1e3  # change the second sequence only
     out2 = np.empty_like(out)
-    attention(qkv2, bias, offsets, heads, out2)
+    attention(qkv2, bias, offsets[:-1].copy(), np.diff(offsets), heads, out2)
     np.testing.assert_array_equal(out[:4], out2[:4])
 
 
@@ -139,3 +150,24 @@ def test_kernels_reject_float64_instead_of_recompiling():
     x = np.zeros((2, 8), dtype=np.float64)
     with pytest.raises(TypeError):
         bias_gelu(x, np.zeros(8))
+
+
+def test_softmax_rows():
+    x = (rng.standard_normal((3, 70, 70)) * 5).astype(np.float32)
+    want = x.astype(np.float64) * 0.25
+    want = np.exp(want - want.max(axis=2, keepdims=True))
+    want /= want.sum(axis=2, keepdims=True)
+    softmax_rows(x, np.float32(0.25))
+    np.testing.assert_allclose(x, want, atol=1e-7, rtol=2e-6)
+
+
+@pytest.mark.parametrize("lengths", [[LONG_SEQUENCE - 1, LONG_SEQUENCE, 3, 512, 1], [LONG_SEQUENCE]])
+def test_self_attention_both_paths(lengths):
+    # short sequences take the fused kernel, long ones the BLAS path: both must match the reference
+    cfg = BertConfig()
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    qkv = (rng.standard_normal((offsets[-1], 3 * cfg.hidden_size)) * 2).astype(np.float32)
+    bias = rng.standard_normal(3 * cfg.hidden_size).astype(np.float32)
+    out = np.full((offsets[-1], cfg.hidden_size), np.nan, dtype=np.float32)
+    self_attention(cfg, qkv, bias, Sequences.from_offsets(offsets), out)
+    np.testing.assert_allclose(out, ref_attention(qkv, bias, offsets, cfg.num_attention_heads), atol=2e-5, rtol=1e-5)

@@ -201,7 +201,7 @@ def test_bge_hidden_states_layer_by_layer(bge_model, references):
     enc.embeddings(m.config, m.weights, np.asarray(ids, dtype=np.int32), np.arange(len(ids), dtype=np.int32), ws.x)
     got = [ws.x.copy()]
     for lw in m.weights.layers:
-        enc.encoder_layer(m.config, lw, offsets, ws)
+        enc.encoder_layer(m.config, lw, enc.Sequences.from_offsets(offsets), ws)
         got.append(ws.x.copy())
     for layer, (g, w) in enumerate(zip(got, want)):
         diff = float(np.abs(g - w).max())
