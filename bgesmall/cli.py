@@ -89,16 +89,30 @@ def _row_json(row) -> str:
     return "[" + ",".join(f"{x:.9g}" for x in row.tolist()) + "]"
 
 
-class NpyWriter:
-    """Streams rows into a .npy file: a fixed-size header placeholder, the rows, then the real header.
+class _PartFile:
+    """An output file written under a hidden temporary name and renamed only when complete, so a failed run
+    leaves nothing half-written behind."""
 
-    Written to a hidden temporary name and renamed at the end, so a failed run leaves no truncated .npy.
-    """
+    def __init__(self, path: Path, mode: str):
+        self.path, self.rows = path, 0
+        self.part = path.with_name(f".{path.name}.part")
+        self.f = open(self.part, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+    def close(self) -> None:
+        self.f.close()
+        os.replace(self.part, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.part.unlink(missing_ok=True)
+
+
+class NpyWriter(_PartFile):
+    """Streams rows into a .npy file: a fixed-size header placeholder, the rows, then the real header."""
 
     def __init__(self, path: Path, dim: int):
-        self.path, self.dim, self.rows = path, dim, 0
-        self.part = path.with_name(f".{path.name}.part")
-        self.f = open(self.part, "wb")
+        super().__init__(path, "wb")
+        self.dim = dim
         self.f.write(b"\0" * NPY_HEADER_BYTES)
 
     def write(self, block) -> None:  # [k, dim] float32
@@ -111,21 +125,15 @@ class NpyWriter:
         self.f.seek(0)
         self.f.write(b"\x93NUMPY\x01\x00" + (NPY_HEADER_BYTES - 10).to_bytes(2, "little"))
         self.f.write((header + " " * pad + "\n").encode("latin1"))
-        self.f.close()
-        os.replace(self.part, self.path)
-
-    def abort(self) -> None:
-        self.f.close()
-        self.part.unlink(missing_ok=True)
+        super().close()
 
 
-class JsonlWriter:
+class JsonlWriter(_PartFile):
     """One JSON object per line: the input record (JSONL input) or {index, text}, plus "embedding"."""
 
     def __init__(self, path: Path, records: list | None):
-        self.path, self.records, self.rows = path, records, 0
-        self.part = path.with_name(f".{path.name}.part")
-        self.f = open(self.part, "w", encoding="utf-8")
+        super().__init__(path, "w")
+        self.records = records
 
     def write(self, block, texts: list[str]) -> None:
         for row, text in zip(block, texts):
@@ -138,14 +146,6 @@ class JsonlWriter:
             head = json.dumps(obj, ensure_ascii=True)[:-1] + (", " if obj else "")
             self.f.write(head + '"embedding": ' + _row_json(row) + "}\n")
             self.rows += 1
-
-    def close(self) -> None:
-        self.f.close()
-        os.replace(self.part, self.path)
-
-    def abort(self) -> None:
-        self.f.close()
-        self.part.unlink(missing_ok=True)
 
 
 class JsonArrayWriter:
