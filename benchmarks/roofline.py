@@ -3,6 +3,9 @@
 ceiling texts/s = measured sgemm FLOP/s / FLOPs of the average text of the workload (linear + attention
 matmuls at the texts' real lengths, no padding: see Checkpoint.flops_per_text). No engine doing the same
 float32 arithmetic can beat it by much; an engine's "fraction of roofline" is its texts/s over this ceiling.
+The FLOPs are the whole model's, as every peer computes it: under CLS pooling bgesmall skips the last layer's
+output projection and FFN for all but the first token (bgesmall/encoder.py, last_layer_first_tokens), about 6%
+of the work on the corpus, so its fraction counts work it did not need to do.
 """
 from __future__ import annotations
 

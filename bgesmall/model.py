@@ -203,8 +203,7 @@ class Model:
         ws = getattr(self._local, "workspace", None)
         if ws is None or ws.capacity < ids.shape[0]:
             ws = self._local.workspace = encoder.Workspace.allocate(self.config, max(ids.shape[0], 128))
-        hidden = encoder.encode(self.config, self.weights, ids, offsets, ws)
-        return encoder.pool(hidden, offsets, self.pooling)
+        return encoder.encode(self.config, self.weights, ids, offsets, ws, self.pooling)
 
     # -- conveniences -----------------------------------------------------------------------------------
 

@@ -20,11 +20,12 @@ from .jit import kernel
 
 
 # reassoc + contract only (no nnan/ninf): sums may be reordered so they vectorize; inf and NaN keep their meaning.
-@kernel("void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, f4[:, ::1])", fastmath={"contract", "reassoc"})
-def attention(qkv, qkv_b, starts, lengths, num_heads, out):
+@kernel("void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, b1, f4[:, ::1])", fastmath={"contract", "reassoc"})
+def attention(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
     # qkv [tokens, 3 * hidden] (query | key | value, bias not yet added), qkv_b [3 * hidden],
     # starts, lengths [sequences], out [tokens, hidden] <- per sequence and head h: softmax(q_h k_h^T / sqrt(d)) v_h
-    # (rows of out outside the given sequences are left as they are)
+    # (rows of out outside the given sequences are left as they are). first_only: only each sequence's first
+    # query row (its [CLS] token) is computed and written, over all of its keys and values.
     hidden = out.shape[1]
     d = hidden // num_heads
     scale = np.float32(1.0 / np.sqrt(d))
@@ -42,7 +43,7 @@ def attention(qkv, qkv_b, starts, lengths, num_heads, out):
         for j in range(n):
             for c in range(hidden):
                 k[j, c] = qkv[start + j, hidden + c] + qkv_b[hidden + c]
-        for i in range(n):
+        for i in range(1 if first_only else n):
             for c in range(hidden):
                 q[c] = (qkv[start + i, c] + qkv_b[c]) * scale
             for h in range(num_heads):

@@ -128,7 +128,7 @@ def test_attention_packed_sequences(lengths):
     qkv = (rng.standard_normal((offsets[-1], 3 * hidden)) * 2).astype(np.float32)
     bias = rng.standard_normal(3 * hidden).astype(np.float32)
     out = np.empty((offsets[-1], hidden), dtype=np.float32)
-    attention(qkv, bias, offsets[:-1].copy(), np.diff(offsets), heads, out)
+    attention(qkv, bias, offsets[:-1].copy(), np.diff(offsets), heads, False, out)
     np.testing.assert_allclose(out, ref_attention(qkv, bias, offsets, heads), atol=2e-5, rtol=1e-5)
 
 
@@ -138,11 +138,11 @@ def test_attention_never_reads_across_sequences():
     bias = np.zeros(3 * hidden, np.float32)
     offsets = np.array([0, 4, 10], dtype=np.int64)
     out = np.empty((10, hidden), np.float32)
-    attention(qkv, bias, offsets[:-1].copy(), np.diff(offsets), heads, out)
+    attention(qkv, bias, offsets[:-1].copy(), np.diff(offsets), heads, False, out)
     qkv2 = qkv.copy()
     qkv2[4:] = 1e3  # change the second sequence only
     out2 = np.empty_like(out)
-    attention(qkv2, bias, offsets[:-1].copy(), np.diff(offsets), heads, out2)
+    attention(qkv2, bias, offsets[:-1].copy(), np.diff(offsets), heads, False, out2)
     np.testing.assert_array_equal(out[:4], out2[:4])
 
 
@@ -161,13 +161,18 @@ def test_softmax_rows():
     np.testing.assert_allclose(x, want, atol=1e-7, rtol=2e-6)
 
 
-@pytest.mark.parametrize("lengths", [[LONG_SEQUENCE - 1, LONG_SEQUENCE, 3, 512, 1], [LONG_SEQUENCE]])
-def test_self_attention_both_paths(lengths):
-    # short sequences take the fused kernel, long ones the BLAS path: both must match the reference
+@pytest.mark.parametrize("first_only", [False, True])
+@pytest.mark.parametrize("lengths", [[LONG_SEQUENCE - 1, LONG_SEQUENCE, 3, 512, 1], [LONG_SEQUENCE], [1], [2]])
+def test_self_attention_both_paths(lengths, first_only):
+    # short sequences take the fused kernel, long ones the BLAS path: both must match the reference.
+    # first_only (CLS pooling's last layer): each sequence's first row over all its keys, other rows untouched.
     cfg = BertConfig()
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     qkv = (rng.standard_normal((offsets[-1], 3 * cfg.hidden_size)) * 2).astype(np.float32)
     bias = rng.standard_normal(3 * cfg.hidden_size).astype(np.float32)
     out = np.full((offsets[-1], cfg.hidden_size), np.nan, dtype=np.float32)
-    self_attention(cfg, qkv, bias, Sequences.from_offsets(offsets), out)
-    np.testing.assert_allclose(out, ref_attention(qkv, bias, offsets, cfg.num_attention_heads), atol=2e-5, rtol=1e-5)
+    self_attention(cfg, qkv, bias, Sequences.from_offsets(offsets), out, first_only=first_only)
+    rows = offsets[:-1] if first_only else np.arange(offsets[-1])
+    want = ref_attention(qkv, bias, offsets, cfg.num_attention_heads)
+    np.testing.assert_allclose(out[rows], want[rows], atol=2e-5, rtol=1e-5)
+    assert np.isnan(np.delete(out, rows, axis=0)).all()
