@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import BertConfig
-from .kernels import attention, bias_gelu, embed_layernorm, residual_layernorm, softmax_rows
+from .kernels import attention, bias_gelu, embed_layernorm, linear, linear_split, residual_layernorm, softmax_rows
 from .weights import BertWeights, LayerWeights
 
 
@@ -99,53 +99,64 @@ def self_attention(
         out[start : start + m].reshape(m, heads, d).transpose(1, 0, 2)[...] = np.matmul(scores, v)  # [heads, m, d]
 
 
-def encoder_layer(cfg: BertConfig, lw: LayerWeights, seqs: Sequences, ws: Workspace) -> None:
+def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray, parts: int) -> None:
+    # x [rows, in] @ W [in, out] (packed, see kernels/matmul.py) -> out [rows, out];
+    # parts > 1: W's columns shared by that many threads (one small pass: bgesmall/threads.py, split_pass)
+    if parts > 1:
+        linear_split(x, w, out, parts)
+    else:
+        linear(x, w, out)
+
+
+def encoder_layer(cfg: BertConfig, lw: LayerWeights, seqs: Sequences, ws: Workspace, parts: int = 1) -> None:
     # ws.x [tokens, hidden] -> ws.x [tokens, hidden], in place
-    np.matmul(ws.x, lw.qkv_w, out=ws.qkv)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
+    matmul(ws.x, lw.qkv_w, ws.qkv, parts)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
     self_attention(cfg, ws.qkv, lw.qkv_b, seqs, ws.ctx)  # -> [tokens, hidden]
-    after_attention(cfg, lw, ws)
+    after_attention(cfg, lw, ws, parts)
 
 
-def after_attention(cfg: BertConfig, lw: LayerWeights, ws: Workspace) -> None:
+def after_attention(cfg: BertConfig, lw: LayerWeights, ws: Workspace, parts: int = 1) -> None:
     # ws.ctx [rows, hidden] (attention output), ws.x [rows, hidden] (layer input) -> ws.x [rows, hidden], in place.
     # Every step from here on works row by row, so it may run on any subset of the token rows.
     eps = cfg.layer_norm_eps
-    np.matmul(ws.ctx, lw.attn_out_w, out=ws.proj)  # [rows, hidden] @ [hidden, hidden]
+    matmul(ws.ctx, lw.attn_out_w, ws.proj, parts)  # [rows, hidden] @ [hidden, hidden]
     residual_layernorm(ws.proj, lw.attn_out_b, ws.x, lw.attn_ln_gamma, lw.attn_ln_beta, eps, ws.x)
-    np.matmul(ws.x, lw.ffn_in_w, out=ws.ffn)  # [rows, hidden] @ [hidden, ffn] -> [rows, ffn]
+    matmul(ws.x, lw.ffn_in_w, ws.ffn, parts)  # [rows, hidden] @ [hidden, ffn] -> [rows, ffn]
     bias_gelu(ws.ffn, lw.ffn_in_b)  # [rows, ffn], in place
-    np.matmul(ws.ffn, lw.ffn_out_w, out=ws.proj)  # [rows, ffn] @ [ffn, hidden] -> [rows, hidden]
+    matmul(ws.ffn, lw.ffn_out_w, ws.proj, parts)  # [rows, ffn] @ [ffn, hidden] -> [rows, hidden]
     residual_layernorm(ws.proj, lw.ffn_out_b, ws.x, lw.ffn_ln_gamma, lw.ffn_ln_beta, eps, ws.x)
 
 
-def last_layer_first_tokens(cfg: BertConfig, lw: LayerWeights, seqs: Sequences, ws: Workspace) -> np.ndarray:
+def last_layer_first_tokens(cfg: BertConfig, lw: LayerWeights, seqs: Sequences, ws: Workspace, parts: int = 1) -> np.ndarray:
     # ws.x [tokens, hidden] -> [sequences, hidden]: the last layer's output at each sequence's first token only.
     # CLS pooling reads nothing else, and past attention every step works row by row, so the output projection
     # and FFN of the other rows (5/6 of the layer's matmul work at 9 of every 12 of its FLOPs) are skipped.
     # Keys and values are still needed for every token.
-    np.matmul(ws.x, lw.qkv_w, out=ws.qkv)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
+    matmul(ws.x, lw.qkv_w, ws.qkv, parts)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
     self_attention(cfg, ws.qkv, lw.qkv_b, seqs, ws.ctx, first_only=True)  # -> ws.ctx[first rows]
     first = seqs.offsets[:-1]
     n = first.shape[0]
     # gathered copies of the first rows; proj, ffn and qkv reused as scratch
     firsts = Workspace(n, ws.x[first], ws.qkv[:n], ws.ctx[first], ws.proj[:n], ws.ffn[:n])
-    after_attention(cfg, lw, firsts)
+    after_attention(cfg, lw, firsts, parts)
     return firsts.x
 
 
-def encode(cfg: BertConfig, w: BertWeights, ids: np.ndarray, offsets: np.ndarray, ws: Workspace, pooling: str) -> np.ndarray:
+def encode(
+    cfg: BertConfig, w: BertWeights, ids: np.ndarray, offsets: np.ndarray, ws: Workspace, pooling: str, parts: int = 1
+) -> np.ndarray:
     # ids [tokens] int32 (sequences packed back to back), offsets [sequences + 1] int64
-    # -> pooled final hidden states [sequences, hidden], not normalized
+    # -> pooled final hidden states [sequences, hidden], not normalized; parts: threads sharing each matmul
     tokens = ids.shape[0]
     ws = ws.views(tokens)
     positions = (np.arange(tokens, dtype=np.int64) - np.repeat(offsets[:-1], np.diff(offsets))).astype(np.int32)
     embeddings(cfg, w, ids, positions, ws.x)
     seqs = Sequences.from_offsets(offsets)
     for lw in w.layers[:-1]:
-        encoder_layer(cfg, lw, seqs, ws)
+        encoder_layer(cfg, lw, seqs, ws, parts)
     if pooling == "cls":
-        return last_layer_first_tokens(cfg, w.layers[-1], seqs, ws)
-    encoder_layer(cfg, w.layers[-1], seqs, ws)
+        return last_layer_first_tokens(cfg, w.layers[-1], seqs, ws, parts)
+    encoder_layer(cfg, w.layers[-1], seqs, ws, parts)
     return pool(ws.x, offsets, pooling)
 
 

@@ -14,7 +14,7 @@ from . import encoder
 from .batching import token_budget_batches
 from .config import BertConfig, EmbedderConfig, read_bert_config
 from .progress import Progress
-from .threads import blas, default_workers, single_threaded_blas
+from .threads import blas, default_workers, single_threaded_blas, split_pass
 from .tokenizer import Tokenizer, check_texts
 from .weights import BertWeights, load_weights
 
@@ -175,8 +175,9 @@ class Model:
         if total >= MIN_TOKENS_TO_SPLIT:  # at least one batch per worker
             budget = min(budget, max(MIN_TOKENS_TO_SPLIT, -(-total // self.threads)))
         batches = list(token_budget_batches(lengths, budget))
-        if len(batches) == 1 and self.threads > 1:  # one small pass (a query): BLAS may use every core
-            out[:] = self._forward(seqs)
+        if len(batches) == 1 and self.threads > 1:  # one small pass (a query): each matmul split over the cores
+            with single_threaded_blas(), split_pass(self.threads) as parts:
+                out[:] = self._forward(seqs, parts)
         else:  # data-parallel: each worker takes whole batches, single-threaded
             with single_threaded_blas():
                 if self.threads == 1:
@@ -195,15 +196,16 @@ class Model:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bgesmall")
             return self._pool
 
-    def _forward(self, seqs: list[list[int]]) -> np.ndarray:
-        # [b] token sequences -> [b, dim] pooled, not normalized; runs in the calling thread, single-threaded
+    def _forward(self, seqs: list[list[int]], parts: int = 1) -> np.ndarray:
+        # [b] token sequences -> [b, dim] pooled, not normalized; runs in the calling thread, each matrix product
+        # shared by `parts` threads (1: this thread alone)
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum([len(s) for s in seqs], out=offsets[1:])
         ids = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
         ws = getattr(self._local, "workspace", None)
         if ws is None or ws.capacity < ids.shape[0]:
             ws = self._local.workspace = encoder.Workspace.allocate(self.config, max(ids.shape[0], 128))
-        return encoder.encode(self.config, self.weights, ids, offsets, ws, self.pooling)
+        return encoder.encode(self.config, self.weights, ids, offsets, ws, self.pooling, parts)
 
     # -- conveniences -----------------------------------------------------------------------------------
 

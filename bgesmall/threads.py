@@ -123,3 +123,56 @@ def single_threaded_blas():
         yield
     finally:
         b.release()
+
+
+# -- one small pass (a query) split over the cores ---------------------------------------------------------
+#
+# A query has one batch, so the data-parallel workers leave every core but one idle, and its matrix products
+# are streams of the whole weight matrix (85 MB for bge-small) that one core cannot read fast enough. For it
+# alone, each product's column panels are dealt to `threads` threads inside one numba parallel region
+# (kernels/matmul.py, linear_split). That needs a threading layer that wakes its threads in microseconds and
+# may be entered from any thread: OpenMP or TBB. numba falls back to its own `workqueue` where neither is
+# installed; that one costs more per region than the split saves (measured: 48 products of a 7-token query
+# in 7.3 ms split against 5.0 ms on one thread) and must not be entered from two threads at once, so there a
+# query stays on one thread. One split pass at a time: a second concurrent query runs on its own thread
+# rather than oversubscribe the cores. A child forked after the layer started never uses it (GNU OpenMP is
+# not fork-safe).
+
+_split_state = {"usable": None}  # None: not probed yet in this process
+_split_lock = threading.Lock()
+
+
+def _probe_split() -> bool:
+    import numba
+
+    from .kernels import linear_split, pack_columns
+
+    x = np.zeros((1, 1), dtype=np.float32)
+    linear_split(x, pack_columns(np.zeros((1, 64), dtype=np.float32)), np.empty((1, 64), dtype=np.float32), 2)
+    return numba.threading_layer() in ("omp", "tbb") and numba.get_num_threads() > 1
+
+
+def _forget_split_in_child():
+    if _split_state["usable"]:
+        _split_state["usable"] = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_split_in_child)
+
+
+@contextmanager
+def split_pass(threads: int):
+    """Yields how many threads this pass's matrix products may share: `threads` when splitting is on, else 1."""
+    if threads > 1 and _split_lock.acquire(blocking=False):
+        try:
+            if _split_state["usable"] is None:
+                _split_state["usable"] = _probe_split()
+            if _split_state["usable"]:
+                import numba
+
+                yield min(threads, numba.get_num_threads())
+                return
+        finally:
+            _split_lock.release()
+    yield 1

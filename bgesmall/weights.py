@@ -1,9 +1,9 @@
 """Weights: one dataclass field per tensor, read from a safetensors file and checked against the config.
 
 Tensor names are the checkpoint's own (transformers' `modeling_bert.py`), with or without a `bert.` prefix.
-Linear weights are stored transposed, [in, out] and contiguous, so that y = x @ w: PyTorch keeps [out, in],
-and OpenBLAS multiplies a few rows (a query) by a contiguous [in, out] matrix twice as fast as by the
-transpose of an [out, in] one. Query, key and value are fused into one [hidden, 3 * hidden] matrix at load.
+Linear weights (PyTorch's [out, in]) are packed once at load into the column panels that the matmul kernel
+streams: W [in, out] as [ceil(out / 32), in, 32] (kernels/matmul.py). Query, key and value are fused into one
+[hidden, 3 * hidden] matrix before packing, so one product computes all three.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from safetensors import safe_open
 
 from .config import BertConfig, ModelLoadError
+from .kernels.matmul import pack_columns
 
 F32 = np.float32
 
@@ -32,15 +33,15 @@ class EmbeddingWeights:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    qkv_w: np.ndarray  # [hidden, 3 * hidden]  query | key | value side by side
+    qkv_w: np.ndarray  # W [hidden, 3 * hidden] packed as [3 * hidden / 32, hidden, 32]; query | key | value
     qkv_b: np.ndarray  # [3 * hidden]
-    attn_out_w: np.ndarray  # [hidden, hidden]
+    attn_out_w: np.ndarray  # W [hidden, hidden] packed as [hidden / 32, hidden, 32]
     attn_out_b: np.ndarray  # [hidden]
     attn_ln_gamma: np.ndarray  # [hidden]
     attn_ln_beta: np.ndarray  # [hidden]
-    ffn_in_w: np.ndarray  # [hidden, ffn]
+    ffn_in_w: np.ndarray  # W [hidden, ffn] packed as [ffn / 32, hidden, 32]
     ffn_in_b: np.ndarray  # [ffn]
-    ffn_out_w: np.ndarray  # [ffn, hidden]
+    ffn_out_w: np.ndarray  # W [ffn, hidden] packed as [hidden / 32, ffn, 32]
     ffn_out_b: np.ndarray  # [hidden]
     ffn_ln_gamma: np.ndarray  # [hidden]
     ffn_ln_beta: np.ndarray  # [hidden]
@@ -155,8 +156,8 @@ _DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
 
 
 def _linear(w: np.ndarray) -> np.ndarray:
-    """PyTorch's [out, in] -> contiguous [in, out]."""
-    return np.ascontiguousarray(w.T)
+    """PyTorch's [out, in] -> W [in, out] packed as [ceil(out / 32), in, 32] (panels rounded up, zero-padded)."""
+    return pack_columns(w.T)
 
 
 def load_weights(path: Path, cfg: BertConfig) -> BertWeights:

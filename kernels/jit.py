@@ -17,3 +17,15 @@ def leaf(signature):
 
     Its flags travel with its instructions when LLVM inlines it; a numba-level inline would drop them."""
     return numba.njit(signature, cache=True, nogil=True, fastmath=ARITH_FLAGS, error_model="numpy")
+
+
+def helper():
+    """A function called only from kernels, compiled for the types its caller passes (vector values among them).
+
+    No signature and no cache of its own: its code is compiled into each calling kernel, whose cache holds it."""
+    return numba.njit(nogil=True, error_model="numpy")
+
+
+def parallel_kernel(signature):
+    """The one kernel that forks and joins threads (numba's threading layer): see bgesmall/threads.py, split_pass."""
+    return numba.njit(signature, cache=True, nogil=True, parallel=True, error_model="numpy")

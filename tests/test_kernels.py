@@ -14,8 +14,12 @@ from bgesmall.kernels import (
     erf,
     exp_nonpositive,
     gelu,
+    linear,
+    linear_split,
+    pack_columns,
     residual_layernorm,
     softmax_rows,
+    unpack_columns,
 )
 
 rng = np.random.default_rng(1234)
@@ -176,3 +180,45 @@ def test_self_attention_both_paths(lengths, first_only):
     want = ref_attention(qkv, bias, offsets, cfg.num_attention_heads)
     np.testing.assert_allclose(out[rows], want[rows], atol=2e-5, rtol=1e-5)
     assert np.isnan(np.delete(out, rows, axis=0)).all()
+
+
+# -- the packed matmul ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k, n", [(384, 1152), (1536, 384), (7, 40), (33, 65), (1, 1), (384, 8)])
+@pytest.mark.parametrize("m", [0, 1, 2, 4, 5, 7, 8, 9, 13, 17, 64])
+def test_linear_matches_float64(m, k, n):
+    # every row-tile path (8, clamped 8, 4, 1 rows) and a partial last panel (n not a multiple of 32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    packed = pack_columns(w)
+    assert packed.shape == (-(-n // 32), k, 32) and np.array_equal(unpack_columns(packed, n), w)
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    linear(x, packed, out)
+    want = x.astype(np.float64) @ w
+    # float32 summation of k products: error grows like sqrt(k) rounding steps of the sum of their magnitudes
+    bound = 4 * np.finfo(np.float32).eps * math.sqrt(k) * (np.abs(x).astype(np.float64) @ np.abs(w))
+    assert np.all(np.abs(out - want) <= bound + 1e-30)
+
+
+def test_linear_rows_do_not_depend_on_their_neighbours():
+    # a row's result is bit-identical whichever tile (8, 4 or 1 rows) computes it: batch invariance rests on it
+    x = rng.standard_normal((17, 384)).astype(np.float32)
+    w = pack_columns(rng.standard_normal((384, 96)).astype(np.float32))
+    full = np.empty((17, 96), dtype=np.float32)
+    linear(x, w, full)
+    for rows in ([16], [5, 6], [0, 3, 9, 12], list(range(9))):
+        part = np.empty((len(rows), 96), dtype=np.float32)
+        linear(np.ascontiguousarray(x[rows]), w, part)
+        np.testing.assert_array_equal(part, full[rows])
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 50])
+def test_linear_split_equals_linear(parts):
+    x = rng.standard_normal((7, 384)).astype(np.float32)
+    w = pack_columns(rng.standard_normal((384, 1152)).astype(np.float32))
+    want = np.empty((7, 1152), dtype=np.float32)
+    linear(x, w, want)
+    got = np.full_like(want, np.nan)
+    linear_split(x, w, got, parts)
+    np.testing.assert_array_equal(got, want)

@@ -228,6 +228,16 @@ def test_batch_invariance_raw_ids(bge_model, bge_ids_batch):
     assert_parity(bge_ids_batch, alone, _ids_labels(seqs), tol=BATCH_TOLERANCE)
 
 
+@pytest.mark.parametrize("which", ["minilm", "bge"])
+def test_split_matmuls_give_the_same_bits(which, minilm_model, bge_model):
+    """A single pass whose matmuls are shared by two threads (how a query runs) equals the one-thread pass."""
+    model = minilm_model if which == "minilm" else bge_model
+    texts = MINILM["texts"] if which == "minilm" else BGE["texts"]
+    for text in texts[:6]:
+        seqs = model.tokenize([text])
+        np.testing.assert_array_equal(model._forward(seqs, parts=2), model._forward(seqs, parts=1), err_msg=text)
+
+
 # -- a deliberate error is caught ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,144 @@
+"""A 16-lane float32 vector for numba kernels: one AVX-512 register, written like C intrinsics.
+
+numba has no vector type, and LLVM's auto-vectorizer will not keep a matmul's tile of accumulators in
+registers (it either leaves them in memory, paying a load and a store per multiply-add, or reduces along the
+wrong axis). This module adds the type `f32x16` and six operations on it, each lowered to one LLVM
+instruction over `<16 x float>`. A kernel that holds its accumulators in `f32x16` locals compiles to a loop of
+vector loads, broadcasts and FMAs with the tile in registers (see `matmul.py`). Where the CPU lacks AVX-512,
+LLVM splits each operation into two 8-lane ones: still correct, slower.
+
+    load16(a, i)      a[i:i + 16] of a C-contiguous float32 array, i a flat element index (no bounds check)
+    store16(a, i, v)  a[i:i + 16] = v
+    lane(v, c)        v[c], a float32
+    splat16(x)        [x] * 16
+    zeros16()         [0.0] * 16
+    fma16(a, b, c)    a * b + c, lane by lane, rounded once
+    add16(a, b)       a + b, lane by lane
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+LANES = 16
+_VEC = ir.VectorType(ir.FloatType(), LANES)
+_I32 = ir.IntType(32)
+
+
+class F32x16(types.Type):
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16()
+
+
+@register_model(F32x16)
+class _F32x16Model(models.PrimitiveModel):  # held as an LLVM value: lives in a register
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VEC)
+
+
+def _vector_pointer(context, builder, array_type, array, index):
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index]), _VEC.as_pointer())
+
+
+def _is_f32_c_array(t) -> bool:
+    return isinstance(t, types.Array) and t.dtype == types.float32 and t.layout == "C"
+
+
+@intrinsic
+def load16(typingctx, array, index):
+    if not (_is_f32_c_array(array) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_vector_pointer(context, builder, sig.args[0], args[0], args[1]), align=4)
+
+    return f32x16(array, index), codegen
+
+
+@intrinsic
+def store16(typingctx, array, index, value):
+    if not (_is_f32_c_array(array) and isinstance(index, types.Integer) and value == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _vector_pointer(context, builder, sig.args[0], args[0], args[1]), align=4)
+        return context.get_dummy_value()
+
+    return types.void(array, index, value), codegen
+
+
+@intrinsic
+def lane(typingctx, value, index):
+    if not (value == f32x16 and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], builder.trunc(args[1], _I32) if args[1].type.width > 32 else args[1])
+
+    return types.float32(value, index), codegen
+
+
+@intrinsic
+def splat16(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[0], ir.Constant(_I32, 0))
+        return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined), ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+
+    return f32x16(x), codegen
+
+
+@intrinsic
+def zeros16(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VEC, [0.0] * LANES)
+
+    return f32x16(), codegen
+
+
+@intrinsic
+def fma16(typingctx, a, b, c):
+    if not (a == b == c == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * 3), "llvm.fma.v16f32")
+        return builder.call(fma, args)
+
+    return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def add16(typingctx, a, b):
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def prefetch_write(typingctx, array, index):
+    # hint: the cache line holding a[i] will be written soon (llvm.prefetch, write, keep in all levels)
+    if not (_is_f32_c_array(array) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32]), "llvm.prefetch.p0"
+        )
+        builder.call(fn, [ptr, ir.Constant(_I32, 1), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
