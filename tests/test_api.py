@@ -212,3 +212,27 @@ def test_settings_are_checked_where_they_are_given(minilm, minilm_dir):
 def test_split_surrogate_pair_is_the_character_and_a_lone_one_one_replacement(minilm):
     np.testing.assert_array_equal(minilm.embed(["a \ud83d\ude00 b"]), minilm.embed(["a 😀 b"]))
     np.testing.assert_array_equal(minilm.embed(["x \ud800 y"]), minilm.embed(["x \ufffd y"]))
+
+
+def test_query_in_a_forked_child_after_the_parent_split_one(minilm_dir):
+    # A query splits its matmuls over the cores in a numba OpenMP region; GNU OpenMP is not fork-safe, so a child
+    # forked after that must fall back to one thread instead of dying (a pre-fork server, multiprocessing "fork").
+    code = f"""
+import os, sys, numpy as np, bgesmall
+from bgesmall import threads
+m = bgesmall.load({str(minilm_dir)!r}, threads=2)
+want = m.embed(["how do python generators work"])
+with threads.split_pass(2) as parts:
+    pass
+pid = os.fork()
+if pid == 0:
+    with threads.split_pass(2) as parts:
+        assert parts == 1, parts
+    got = m.embed(["how do python generators work"])
+    os._exit(0 if np.array_equal(got, want) else 3)
+_, status = os.waitpid(pid, 0)
+print("split", parts, "child", os.waitstatus_to_exitcode(status))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[3] == "0", r.stdout + r.stderr  # the child's query came back, and equal
