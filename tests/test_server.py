@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -50,10 +52,9 @@ def model():
     return m
 
 
-@pytest.fixture(scope="module")
-def server(model):
-    """A live server in a thread: batching on, a 20 ms wait so concurrent requests reliably share passes."""
-    app = create_app(model, model_name=NAME, api_key=KEY, max_wait_ms=20, max_request_bytes=MAX_BODY)
+@contextlib.contextmanager
+def live_server(app):
+    """uvicorn serving `app` on 127.0.0.1 in a thread; yields its base URL."""
     config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -62,9 +63,19 @@ def server(model):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{config.port}", app
-    srv.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """A live server in a thread: batching on, a 20 ms wait so concurrent requests reliably share passes."""
+    app = create_app(model, model_name=NAME, api_key=KEY, max_wait_ms=20, max_request_bytes=MAX_BODY)
+    with live_server(app) as base:
+        yield base, app
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +191,10 @@ def test_models_health_and_docs(client, url):
         client.models.retrieve("nope")
     health = httpx.get(url + "/health", timeout=10)  # no API key needed
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert httpx.get(url + "/docs", timeout=10).status_code == 200
+    docs = httpx.get(url + "/docs", timeout=10)  # self-contained: works on an air-gapped machine
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    assert 'fetch("openapi.json")' in docs.text and 'fetch("v1/embeddings"' in docs.text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", docs.text), "the page loads something from elsewhere"
     spec = httpx.get(url + "/openapi.json", timeout=10).json()
     assert "/v1/embeddings" in spec["paths"]
 
@@ -376,14 +390,67 @@ def test_batcher_survives_a_bad_result():
     np.testing.assert_array_equal(good, [[1, 1]])
 
 
+class _GatedModel:
+    """The real model, except that every forward pass first waits for `gate` (to hold requests in flight)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.gate = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def embed_token_ids(self, *args, **kwargs):
+        assert self.gate.wait(60), "the test never opened the gate"
+        return self._model.embed_token_ids(*args, **kwargs)
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_overload_is_a_quick_503_and_nothing_else_is_lost(model, batching):
+    gated = _GatedModel(model)
+    app = create_app(gated, model_name=NAME, batching=batching, max_queued_requests=2, max_wait_ms=0)
+    with live_server(app) as base, httpx.Client(base_url=base, timeout=60) as http:
+        held = [None, None]
+
+        def post(i):
+            held[i] = http.post("/v1/embeddings", json={"input": TEXTS[i]})
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while app.state.batcher.admitted_requests < 2:
+            assert time.monotonic() < deadline, "the two requests never reached the batcher"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        refused = http.post("/v1/embeddings", json={"input": TEXTS[2]})
+        assert time.monotonic() - t0 < 5  # refused at once, not queued behind the held requests
+        assert_error(refused, 503, code="server_overloaded")
+        assert refused.headers["retry-after"] == "1"
+        gated.gate.set()
+        for t in threads:
+            t.join(60)
+        for i in range(2):
+            assert held[i].status_code == 200, held[i].text
+            np.testing.assert_allclose(as_array_json(held[i]), model.embed([TEXTS[i]]), atol=1e-6)
+        again = http.post("/v1/embeddings", json={"input": TEXTS[2]})  # capacity is back
+        assert again.status_code == 200
+        health = http.get("/health").json()["batching"]
+        assert health["refused_requests"] == 1 and health["max_queued_requests"] == 2
+        assert health["admitted_requests"] == 0
+
+
+def as_array_json(r: httpx.Response) -> np.ndarray:
+    return np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+
+
 def test_batching_off_gives_the_same_vectors(model):
     from fastapi.testclient import TestClient
 
     with TestClient(create_app(model, model_name=NAME, batching=False)) as c:
         r = c.post("/v1/embeddings", json={"input": TEXTS})
         assert r.status_code == 200
-        got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
-        np.testing.assert_allclose(got, model.embed(TEXTS), atol=1e-6)
+        np.testing.assert_allclose(as_array_json(r), model.embed(TEXTS), atol=1e-6)
         assert c.get("/health").json()["batching"]["enabled"] is False
 
 
@@ -480,7 +547,8 @@ def test_lone_surrogate_in_a_field_is_a_clean_error(http):
 
 
 @pytest.mark.parametrize("argv", [["--max-batch-tokens", "0"], ["--max-batch-size", "-1"],
-                                  ["--max-request-bytes", "-5"], ["--max-wait-ms", "-1"]])
+                                  ["--max-request-bytes", "-5"], ["--max-wait-ms", "-1"],
+                                  ["--max-queued-requests", "0"]])
 def test_serve_rejects_bad_limits_as_usage_errors(argv, capsys):
     from bgesmall import cli
 

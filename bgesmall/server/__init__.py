@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                           help="most inputs in one forward pass (default 256)")
     batching.add_argument("--max-wait-ms", type=_non_negative_float, default=2.0, metavar="MS",
                           help="how long a request waits for others to share its forward pass (default 2)")
+    batching.add_argument("--max-queued-requests", type=_positive_int, default=256, metavar="N",
+                          help="requests waiting or running at once; more get 503 with Retry-After (default 256)")
     parser.add_argument("--max-request-bytes", type=_positive_int, default=16 * 1024 * 1024, metavar="N",
                         help="larger request bodies get 413 (default 16 MiB)")
     parser.add_argument("--no-warmup", action="store_true",
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(model, model_name=args.model_name, api_key=api_key, batching=not args.no_batching,
                      max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
-                     max_wait_ms=args.max_wait_ms, max_request_bytes=args.max_request_bytes)
+                     max_wait_ms=args.max_wait_ms, max_queued_requests=args.max_queued_requests,
+                     max_request_bytes=args.max_request_bytes)
     print(f"bgesmall serve: '{args.model_name}' ({model.dim} dims) on http://{args.host}:{args.port}/v1 "
           f"(batching {'off' if args.no_batching else 'on'}, API key {'required' if api_key else 'not required'})",
           file=sys.stderr, flush=True)

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible FastAPI app: POST /v1/embeddings, GET /v1/models, GET /health, and FastAPI's
-/docs and /openapi.json.
+"""The OpenAI-compatible FastAPI app: POST /v1/embeddings, GET /v1/models, GET /health, /openapi.json and
+an offline /docs page (docs.py).
 
     app = create_app(bgesmall.load(), model_name="BAAI/bge-small-en-v1.5", api_key=None)
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from fastapi.security import HTTPBearer
 
-from .batcher import Batcher, BatchingConfig
-from .errors import OpenAIError, error_bytes, install_handlers
+from .batcher import Batcher, BatchingConfig, Overloaded
+from .docs import docs_page
+from .errors import SERVER_ERROR, OpenAIError, error_bytes, install_handlers
 from .inputs import prepare_input
 from .schemas import DEFAULT_MODEL_NAME, MAX_INPUTS, EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList
 
@@ -32,17 +33,19 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # 2048 token arrays of 510 ids fit
 _OFFLOAD_CHARS = 20_000
 _OFFLOAD_ROWS = 64
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+RETRY_AFTER_SECONDS = 1
 
 
 def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str | None = None,
                batching: bool = True, max_batch_tokens: int = BatchingConfig.max_batch_tokens,
                max_batch_size: int = BatchingConfig.max_batch_size, max_wait_ms: float = BatchingConfig.max_wait_ms,
+               max_queued_requests: int = BatchingConfig.max_queued_requests,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_inputs: int = MAX_INPUTS) -> FastAPI:
     """model: a loaded bgesmall.Model (anything with its dim, max_tokens, config.vocab_size, tokenize and
     embed_token_ids). api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`."""
     config = BatchingConfig(enabled=batching, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
-                            max_wait_ms=max_wait_ms)
+                            max_wait_ms=max_wait_ms, max_queued_requests=max_queued_requests)
     batcher = Batcher(lambda ids: model.embed_token_ids(ids, add_special_tokens=True, truncate=True),
                       dim=model.dim, config=config)
     created = int(time.time())
@@ -59,7 +62,7 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
     app = FastAPI(title="bgesmall embeddings server",
                   description=f"OpenAI-compatible embeddings for `{model_name}` ({model.dim} dimensions), "
                               "computed locally by bgesmall.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)  # FastAPI's pages load scripts from a CDN
     app.state.model = model
     app.state.batcher = batcher
     install_handlers(app)
@@ -84,6 +87,9 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
             vectors = await batcher.submit(prepared.ids)
         except ValueError as exc:  # the model refused an input the checks above let through
             raise OpenAIError(400, str(exc), param="input") from exc
+        except Overloaded as exc:  # the official client retries a 503 by itself, after Retry-After
+            raise OpenAIError(503, f"The server is overloaded ({exc}); retry in a moment.", type=SERVER_ERROR,
+                              code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from exc
         encode = functools.partial(_embedding_json, vectors, request.encoding_format or "float", model_name,
                                    prepared.prompt_tokens)
         body = await _maybe_offload(encode, len(vectors) >= _OFFLOAD_ROWS)
@@ -108,8 +114,14 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
         return {"status": "ok", "model": model_name, "dim": model.dim, "max_tokens": model.max_tokens,
                 "batching": {"enabled": config.enabled, "max_batch_tokens": config.max_batch_tokens,
                              "max_wait_ms": config.max_wait_ms, "queued_requests": batcher.queued_requests,
+                             "admitted_requests": batcher.admitted_requests,
+                             "max_queued_requests": config.max_queued_requests, "refused_requests": stats.refused,
                              "requests": stats.requests, "sequences": stats.sequences,
                              "forward_passes": stats.batches, "largest_batch": stats.largest_batch}}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(docs_page(app.title))
 
     app.add_middleware(_GuardMiddleware, api_key=api_key, max_request_bytes=max_request_bytes)
     return app

@@ -9,7 +9,9 @@ sending one request at a time pays no wait). The model runs on one worker thread
 the server keeps accepting connections and the model never runs two batches at once.
 
 If a packed batch fails as a whole, each request in it is retried on its own, so one bad request can only
-fail itself. With batching disabled every request is one forward pass on the same single worker thread,
+fail itself. At most `max_queued_requests` requests wait or run at once; past that `submit` raises
+`Overloaded` at once (the app answers 503 with Retry-After), so overload costs a quick retry instead of
+unbounded memory and latency. With batching disabled every request is one forward pass on the same single worker thread,
 which is the baseline `benchmarks/load.py` compares against.
 """
 
@@ -43,6 +45,12 @@ class BatchingConfig:
     # How long the first request of an idle batcher waits for others to join (milliseconds). Under load
     # batches form while the previous forward pass runs, so this only costs latency at low concurrency.
     max_wait_ms: float = 2.0
+    # Requests waiting or running at once; one more is refused (Overloaded) rather than queued.
+    max_queued_requests: int = 256
+
+
+class Overloaded(Exception):
+    """`max_queued_requests` requests are already waiting or running: retry later."""
 
 
 @dataclass(eq=False)
@@ -67,13 +75,15 @@ class BatcherStats:
     batches: int = 0
     largest_batch: int = 0
     retried_alone: int = 0
+    refused: int = 0  # Overloaded
 
 
 class Batcher:
     """Owns the model's worker thread. `await submit(ids)` -> (len(ids), dim) float32."""
 
     def __init__(self, embed_fn: EmbedFn, dim: int, config: BatchingConfig = BatchingConfig()):
-        if config.max_batch_tokens < 1 or config.max_batch_size < 1 or config.max_wait_ms < 0:
+        if (config.max_batch_tokens < 1 or config.max_batch_size < 1 or config.max_wait_ms < 0
+                or config.max_queued_requests < 1):
             raise ValueError(f"invalid batching settings: {config}")
         self.embed_fn = embed_fn
         self.dim = dim
@@ -84,6 +94,7 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._last_batch_requests = 0  # requests served by the previous forward pass
+        self._admitted = 0  # requests inside submit(): waiting or running
 
     # -- lifecycle (called from the app's lifespan, on the event loop) --------------------------------------
     async def start(self) -> None:
@@ -109,8 +120,22 @@ class Batcher:
     def queued_requests(self) -> int:
         return len(self._waiting)
 
+    @property
+    def admitted_requests(self) -> int:
+        return self._admitted
+
     # -- the request side ------------------------------------------------------------------------------------
     async def submit(self, ids: list[list[int]]) -> np.ndarray:
+        if self._admitted >= self.config.max_queued_requests:
+            self.stats.refused += 1
+            raise Overloaded(f"{self._admitted} requests are already waiting or running")
+        self._admitted += 1  # the event loop is the only thread here: no lock needed
+        try:
+            return await self._submit(ids)
+        finally:
+            self._admitted -= 1
+
+    async def _submit(self, ids: list[list[int]]) -> np.ndarray:
         loop = asyncio.get_running_loop()
         self.stats.requests += 1
         self.stats.sequences += len(ids)
