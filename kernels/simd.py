@@ -142,3 +142,12 @@ def prefetch_write(typingctx, array, index):
         return context.get_dummy_value()
 
     return types.void(array, index), codegen
+
+
+def has_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 (the host's, or NUMBA_CPU_NAME / NUMBA_CPU_FEATURES)."""
+    from llvmlite import binding
+    from numba.core import config
+
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else binding.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")

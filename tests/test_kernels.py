@@ -1,6 +1,9 @@
 """Each kernel against a plain numpy (float64) version of itself, on seeded input and on edge cases."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -222,3 +225,22 @@ def test_linear_split_equals_linear(parts):
     got = np.full_like(want, np.nan)
     linear_split(x, w, got, parts)
     np.testing.assert_array_equal(got, want)
+
+
+HASWELL_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sse,+sse2,"
+                    "+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,-avx512f,-avx512bw,-avx512dq,-avx512vl,-avx512cd")
+
+
+def test_linear_on_a_cpu_without_avx512(tmp_path):
+    """The AVX2 tile (kernels/matmul.py, WIDE_REGISTERS False), compiled as numba would for a Haswell CPU: the same
+    linear tests, run in a subprocess (the choice is frozen at import)."""
+    if os.environ.get("NUMBA_CPU_FEATURES"):
+        pytest.skip("this run already targets a chosen CPU")
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL_FEATURES,
+               NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    check = "from bgesmall.kernels.simd import has_avx512; assert not has_avx512()"
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "linear"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
