@@ -169,32 +169,41 @@ def _tile6(x, panel, out, i, rows, j, h, cols):
     _store_vector(out, r5, j + h, cols - h, a5)
 
 
+@helper()
+def _panel_wide(x, panel, out, j, cols):
+    # AVX-512 (32 registers): out[:, j:j + cols] = x [m, k] @ panel [k, 32]
+    m = x.shape[0]
+    i = 0
+    while m - i >= 8:
+        _tile8(x, panel, out, i, 8, j, cols)
+        i += 8
+    rest = m - i  # 0..7 rows left: the cheapest tile that covers them
+    if rest >= 5:
+        _tile8(x, panel, out, i, rest, j, cols)
+    elif rest >= 2:
+        _tile4(x, panel, out, i, rest, j, cols)
+    elif rest == 1:
+        _tile1(x, panel, out, i, j, cols)
+
+
+@helper()
+def _panel_narrow(x, panel, out, j, cols):
+    # AVX2 (16 registers): the same with a 6 x 16 tile, over each half of the panel in turn
+    for h in range(0, cols, 16):
+        for i in range(0, x.shape[0], 6):
+            _tile6(x, panel, out, i, min(6, x.shape[0] - i), j, h, cols)
+
+
+_panel = _panel_wide if WIDE_REGISTERS else _panel_narrow  # frozen into the kernels below when they compile
+
+
 @kernel("void(f4[:, ::1], f4[:, :, ::1], f4[:, ::1], i8, i8)")
 def linear_panels(x, w, out, start, stop):
     # x [m, k] @ W [k, n] -> out [m, n] in the columns of panels start..stop - 1 only (32 each; the rest untouched),
     # W packed as w [ceil(n / 32), k, 32]. Two threads may fill disjoint panel ranges of one output.
-    m = x.shape[0]
     n = out.shape[1]
     for p in range(start, stop):
-        panel = w[p]  # [k, 32]
-        j = p * PANEL
-        cols = min(PANEL, n - j)
-        if not WIDE_REGISTERS:  # AVX2: 16 registers hold a 6 x 16 tile, so each half panel in turn
-            for h in range(0, min(cols, PANEL), 16):
-                for i in range(0, m, 6):
-                    _tile6(x, panel, out, i, min(6, m - i), j, h, cols)
-            continue
-        i = 0
-        while m - i >= 8:
-            _tile8(x, panel, out, i, 8, j, cols)
-            i += 8
-        rest = m - i  # 0..7 rows left: the cheapest tile that covers them
-        if rest >= 5:
-            _tile8(x, panel, out, i, rest, j, cols)
-        elif rest >= 2:
-            _tile4(x, panel, out, i, rest, j, cols)
-        elif rest == 1:
-            _tile1(x, panel, out, i, j, cols)
+        _panel(x, w[p], out, p * PANEL, min(PANEL, n - p * PANEL))
 
 
 @kernel("void(f4[:, ::1], f4[:, :, ::1], f4[:, ::1])")
