@@ -61,6 +61,11 @@ class BertConfig:
             )
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in known})
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size")
+        bad = [f"{k}={getattr(cfg, k)!r}" for k in sizes if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1]
+        if bad:
+            raise ModelLoadError(f"{source}: {', '.join(bad)}: each must be a whole number >= 1")
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ModelLoadError(
                 f"{source}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "

@@ -14,7 +14,7 @@ from . import encoder
 from .batching import token_budget_batches
 from .config import BertConfig, EmbedderConfig, read_bert_config
 from .progress import Progress
-from .threads import blas, default_workers, single_threaded_blas, split_pass
+from .threads import blas, default_workers, engine_pass, run_small_pass, single_threaded_blas
 from .tokenizer import Tokenizer, check_texts
 from .weights import BertWeights, load_weights
 
@@ -175,11 +175,11 @@ class Model:
         if total >= MIN_TOKENS_TO_SPLIT:  # at least one batch per worker
             budget = min(budget, max(MIN_TOKENS_TO_SPLIT, -(-total // self.threads)))
         batches = list(token_budget_batches(lengths, budget))
-        if len(batches) == 1 and self.threads > 1:  # one small pass (a query): each matmul split over the cores
-            with single_threaded_blas(), split_pass(self.threads) as parts:
-                out[:] = self._forward(seqs, parts)
-        else:  # data-parallel: each worker takes whole batches, single-threaded
+        if len(batches) == 1:  # one small pass (a query): its products may be shared by the cores
             with single_threaded_blas():
+                out[:] = run_small_pass(self.threads, lambda parts: self._forward(seqs, parts))
+        else:  # data-parallel: each worker takes whole batches, single-threaded
+            with single_threaded_blas(), engine_pass():
                 if self.threads == 1:
                     for batch in batches:
                         out[batch] = self._forward([seqs[i] for i in batch])

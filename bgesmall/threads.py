@@ -4,6 +4,7 @@ The engine runs data-parallel: each worker thread takes whole batches and runs t
 at one thread, numba kernels serial, the GIL released in both). Nothing waits at a barrier after every
 layer, so no thread spins while another is descheduled: on a busy or small machine a fork-join design
 (multi-threaded BLAS followed by a parallel numba region, 8 times per layer) loses most of its time there.
+The one exception is a pass that is a single batch (a query) while nothing else runs: see the end of this file.
 For that, BLAS must run at one thread while bgesmall works; `single_threaded_blas` arranges it with
 numpy's own OpenBLAS (through threadpoolctl when it is installed, else its C entry point) and restores the
 previous setting afterwards. Where the BLAS cannot be controlled, bgesmall uses one worker.
@@ -15,6 +16,7 @@ import ctypes
 import glob
 import os
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -129,17 +131,73 @@ def single_threaded_blas():
 #
 # A query has one batch, so the data-parallel workers leave every core but one idle, and its matrix products
 # are streams of the whole weight matrix (85 MB for bge-small) that one core cannot read fast enough. For it
-# alone, each product's column panels are dealt to `threads` threads inside one numba parallel region
-# (kernels/matmul.py, linear_split). That needs a threading layer that wakes its threads in microseconds and
-# may be entered from any thread: OpenMP or TBB. numba falls back to its own `workqueue` where neither is
-# installed; that one costs more per region than the split saves (measured: 48 products of a 7-token query
-# in 7.3 ms split against 5.0 ms on one thread) and must not be entered from two threads at once, so there a
-# query stays on one thread. One split pass at a time: a second concurrent query runs on its own thread
-# rather than oversubscribe the cores. A child forked after the layer started never uses it (GNU OpenMP is
-# not fork-safe).
+# alone, each product's column panels are dealt to the cores inside one numba parallel region (kernels/matmul.py,
+# linear_split). The rules, each from a measurement or a failure:
+# - Only when no other bgesmall pass is running: beside a running batch, a split query waited for the busy core
+#   at every product (7.2 ms against 4.8 ms unsplit).
+# - Only on numba's OpenMP or TBB layer, which wake their threads in microseconds (a region costs 1.9 us here).
+#   numba's built-in `workqueue` costs more per region than the split saves (7.3 against 5.0 ms for a query's
+#   48 products) and may not be entered from two threads at once.
+# - Always from one thread, owned here: OpenMP keeps a team of threads per calling thread, so splitting from
+#   whatever thread called embed() would leave a team behind for each of them.
+# - Never in a child forked after the threading layer started (GNU OpenMP kills such a child on its first
+#   region). The layer starts at the first split, not at import: linear_split compiles on first use.
 
-_split_state = {"usable": None}  # None: not probed yet in this process
-_split_lock = threading.Lock()
+_split_state = {"usable": None, "executor": None}  # usable None: not probed yet in this process
+_split_init = threading.Lock()
+_passes = 0  # bgesmall forward passes running now, in any thread
+_passes_lock = threading.Lock()
+
+
+@contextmanager
+def engine_pass():
+    """Marks a forward pass as running (so that no query splits beside it)."""
+    global _passes
+    with _passes_lock:
+        _passes += 1
+    try:
+        yield
+    finally:
+        with _passes_lock:
+            _passes -= 1
+
+
+def run_small_pass(threads: int, forward):
+    """forward(parts) for a pass that is a single batch: on the split thread with its products shared by up to
+    `threads` threads when the rules above allow, else forward(1) in the calling thread."""
+    global _passes
+    with _passes_lock:
+        alone = _passes == 0
+        _passes += 1
+    try:
+        executor = _split_executor() if threads > 1 and alone else None
+        if executor is None:
+            return forward(1)
+        return executor.submit(_split_forward, forward, threads).result()
+    finally:
+        with _passes_lock:
+            _passes -= 1
+
+
+def _split_forward(forward, threads: int):
+    import numba
+
+    parts = min(threads, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(parts)  # the team for this thread's regions: `parts` threads, not every core
+    return forward(parts)
+
+
+def _split_executor():
+    with _split_init:
+        if _split_state["usable"] is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            executor = ThreadPoolExecutor(1, thread_name_prefix="bgesmall-split")
+            usable = executor.submit(_probe_split).result()
+            _split_state.update(usable=usable, executor=executor if usable else None)
+            if not usable:
+                executor.shutdown(wait=False)
+        return _split_state["executor"]
 
 
 def _probe_split() -> bool:
@@ -147,32 +205,29 @@ def _probe_split() -> bool:
 
     from .kernels import linear_split, pack_columns
 
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        return False
     x = np.zeros((1, 1), dtype=np.float32)
-    linear_split(x, pack_columns(np.zeros((1, 64), dtype=np.float32)), np.empty((1, 64), dtype=np.float32), 2)
-    return numba.threading_layer() in ("omp", "tbb") and numba.get_num_threads() > 1
+    try:  # e.g. NUMBA_THREADING_LAYER names a layer that is not installed: numba raises at the first region
+        linear_split(x, pack_columns(np.zeros((1, 64), dtype=np.float32)), np.empty((1, 64), dtype=np.float32), 2)
+    except Exception as e:  # noqa: BLE001 - a query must still be answered, on one thread
+        warnings.warn(f"bgesmall: queries will run on one thread: numba's threading layer failed ({str(e).splitlines()[0]})", stacklevel=2)
+        return False
+    return numba.threading_layer() in ("omp", "tbb")
 
 
-def _forget_split_in_child():
-    if _split_state["usable"]:
-        _split_state["usable"] = False
+def _after_fork_in_child():
+    global _passes
+    _passes = 0  # the parent's running passes are not this process's
+    try:
+        from numba.np.ufunc import parallel
+
+        started = parallel._is_initialized
+    except (ImportError, AttributeError):  # cannot tell: assume it started
+        started = True
+    if started or _split_state["executor"] is not None:
+        _split_state.update(usable=False, executor=None)  # the split thread did not survive the fork anyway
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_split_in_child)
-
-
-@contextmanager
-def split_pass(threads: int):
-    """Yields how many threads this pass's matrix products may share: `threads` when splitting is on, else 1."""
-    if threads > 1 and _split_lock.acquire(blocking=False):
-        try:
-            if _split_state["usable"] is None:
-                _split_state["usable"] = _probe_split()
-            if _split_state["usable"]:
-                import numba
-
-                yield min(threads, numba.get_num_threads())
-                return
-        finally:
-            _split_lock.release()
-    yield 1
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -26,6 +26,10 @@ def helper():
     return numba.njit(nogil=True, error_model="numpy")
 
 
-def parallel_kernel(signature):
-    """The one kernel that forks and joins threads (numba's threading layer): see bgesmall/threads.py, split_pass."""
-    return numba.njit(signature, cache=True, nogil=True, parallel=True, error_model="numpy")
+def parallel_kernel():
+    """The one kernel that forks and joins threads (numba's threading layer): see bgesmall/threads.py, split_pass.
+
+    No signature: compiled (or loaded from the cache) at its first call, not at import, because loading a parallel
+    kernel starts the threading layer (GNU OpenMP), and a process that forks must not have it running. Its only
+    caller (the encoder) passes float32 C-contiguous arrays, so it compiles for those types alone."""
+    return numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")

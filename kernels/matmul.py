@@ -197,10 +197,20 @@ def _panel_narrow(x, panel, out, j, cols):
 _panel = _panel_wide if WIDE_REGISTERS else _panel_narrow  # frozen into the kernels below when they compile
 
 
+@helper()
+def _check_shapes(x, w, out, start, stop):
+    # the kernels write through raw pointers: a mismatch must be an error, not a write past `out`
+    if x.shape[0] != out.shape[0] or x.shape[1] != w.shape[1] or out.shape[1] > w.shape[0] * PANEL:
+        raise ValueError("linear: shapes do not match: x [m, k], w [ceil(n / 32), k, 32], out [m, n]")
+    if w.shape[2] != PANEL or not 0 <= start <= stop <= w.shape[0]:
+        raise ValueError("linear: w is not [panels, k, 32], or the panel range is outside it")
+
+
 @kernel("void(f4[:, ::1], f4[:, :, ::1], f4[:, ::1], i8, i8)")
 def linear_panels(x, w, out, start, stop):
     # x [m, k] @ W [k, n] -> out [m, n] in the columns of panels start..stop - 1 only (32 each; the rest untouched),
     # W packed as w [ceil(n / 32), k, 32]. Two threads may fill disjoint panel ranges of one output.
+    _check_shapes(x, w, out, start, stop)
     n = out.shape[1]
     for p in range(start, stop):
         _panel(x, w[p], out, p * PANEL, min(PANEL, n - p * PANEL))
@@ -212,10 +222,11 @@ def linear(x, w, out):
     linear_panels(x, w, out, 0, w.shape[0])
 
 
-@parallel_kernel("void(f4[:, ::1], f4[:, :, ::1], f4[:, ::1], i8)")
+@parallel_kernel()
 def linear_split(x, w, out, parts):
     # as `linear`, the panels dealt to `parts` threads in contiguous runs: for one small pass (a query), whose
     # product is a stream of the whole weight matrix that one core cannot consume alone
+    _check_shapes(x, w, out, 0, w.shape[0])
     panels = w.shape[0]
     for part in numba.prange(parts):
         linear_panels(x, w, out, part * panels // parts, (part + 1) * panels // parts)

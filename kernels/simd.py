@@ -145,9 +145,9 @@ def prefetch_write(typingctx, array, index):
 
 
 def has_avx512() -> bool:
-    """Whether numba compiles for a CPU with AVX-512 (the host's, or NUMBA_CPU_NAME / NUMBA_CPU_FEATURES)."""
-    from llvmlite import binding
-    from numba.core import config
+    """Whether numba compiles for a CPU with AVX-512: the features its JIT targets (the host's, less AVX when
+    NUMBA_ENABLE_AVX=0, or NUMBA_CPU_FEATURES when set), read the way numba reads them."""
+    from numba.core import codegen, config
 
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else binding.get_host_cpu_features().flatten()
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
     return "+avx512f" in features.split(",")

@@ -80,10 +80,11 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
             raise OpenAIError(400, f"This model has a fixed width of {model.dim} dimensions and cannot return "
                                    f"{request.dimensions}: leave 'dimensions' out or send {model.dim}.",
                               param="dimensions", code="invalid_value")
-        prepare = functools.partial(prepare_input, model, request.input, query=request.input_type == "query",
-                                    truncate=request.truncate, max_inputs=max_inputs)
-        prepared = await _maybe_offload(prepare, _input_size(request.input) >= _OFFLOAD_CHARS)
         try:
+            batcher.check_capacity()  # before tokenizing: under overload, refusing must stay cheap
+            prepare = functools.partial(prepare_input, model, request.input, query=request.input_type == "query",
+                                        truncate=request.truncate, max_inputs=max_inputs)
+            prepared = await _maybe_offload(prepare, _input_size(request.input) >= _OFFLOAD_CHARS)
             vectors = await batcher.submit(prepared.ids)
         except ValueError as exc:  # the model refused an input the checks above let through
             raise OpenAIError(400, str(exc), param="input") from exc

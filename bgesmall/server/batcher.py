@@ -125,10 +125,14 @@ class Batcher:
         return self._admitted
 
     # -- the request side ------------------------------------------------------------------------------------
-    async def submit(self, ids: list[list[int]]) -> np.ndarray:
+    def check_capacity(self) -> None:
+        """Raise Overloaded now if submit() would: lets the app refuse before tokenizing a request."""
         if self._admitted >= self.config.max_queued_requests:
             self.stats.refused += 1
             raise Overloaded(f"{self._admitted} requests are already waiting or running")
+
+    async def submit(self, ids: list[list[int]]) -> np.ndarray:
+        self.check_capacity()
         self._admitted += 1  # the event loop is the only thread here: no lock needed
         try:
             return await self._submit(ids)
