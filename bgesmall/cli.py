@@ -357,7 +357,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("pooling", info["pooling"]),
         ("layers", f"{info['layers']} ({info['heads']} heads, vocab {info['vocab_size']:,})"),
         ("threads", f"{info['worker_threads']} workers, one per core, each single-threaded "
-                    "(set BGESMALL_NUM_THREADS to change); numba kernels are serial"),
+                    "(set BGESMALL_NUM_THREADS to change); a query made alone shares its matmuls among them"),
         ("BLAS threads", f"{info['blas_threads']} (held at 1 while bgesmall runs batches)"),
         ("numba cache", info["numba_cache"]),
     ]
