@@ -66,69 +66,52 @@ def _store(out, r, j, cols, lo, hi):
 
 
 @helper()
+def _rows4(x, r0, r1, r2, r3, t, lo, hi, acc):
+    # one step t of four rows of a tile: acc (a0, b0, .., a3, b3) += x[row, t] * (lo | hi), a: columns 0..15
+    a0, b0, a1, b1, a2, b2, a3, b3 = acc
+    s0, s1, s2, s3 = splat16(x[r0, t]), splat16(x[r1, t]), splat16(x[r2, t]), splat16(x[r3, t])
+    return (fma16(s0, lo, a0), fma16(s0, hi, b0), fma16(s1, lo, a1), fma16(s1, hi, b1),
+            fma16(s2, lo, a2), fma16(s2, hi, b2), fma16(s3, lo, a3), fma16(s3, hi, b3))
+
+
+@helper()
+def _store4(out, r0, r1, r2, r3, j, cols, acc):
+    _store(out, r0, j, cols, acc[0], acc[1])
+    _store(out, r1, j, cols, acc[2], acc[3])
+    _store(out, r2, j, cols, acc[4], acc[5])
+    _store(out, r3, j, cols, acc[6], acc[7])
+
+
+@helper()
 def _tile8(x, panel, out, i, rows, j, cols):
-    # out[i:i + rows, j:j + cols] = x[i:i + rows] @ panel [k, 32]; rows 1..8 (a short tile repeats its last row)
-    k = x.shape[1]
+    # out[i:i + rows, j:j + cols] = x[i:i + rows] @ panel [k, 32]; rows 1..8 (a short tile repeats its last row).
+    # Two groups of four rows, 16 accumulators in all: every register of AVX-512 but the panel's two and a broadcast.
     last = i + rows - 1
     r0, r1, r2, r3 = i, min(i + 1, last), min(i + 2, last), min(i + 3, last)
     r4, r5, r6, r7 = min(i + 4, last), min(i + 5, last), min(i + 6, last), min(i + 7, last)
-    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = zeros16()  # row r: a = columns 0..15, b = columns 16..31
-    a4 = b4 = a5 = b5 = a6 = b6 = a7 = b7 = zeros16()
-    n = out.shape[1]
-    for r in range(i, last + 1):
-        prefetch_write(out, r * n + j)
-        prefetch_write(out, r * n + j + 16)
-    for t in range(k):
-        lo = load16(panel, t * PANEL)
-        hi = load16(panel, t * PANEL + 16)
-        s = splat16(x[r0, t])
-        a0, b0 = fma16(s, lo, a0), fma16(s, hi, b0)
-        s = splat16(x[r1, t])
-        a1, b1 = fma16(s, lo, a1), fma16(s, hi, b1)
-        s = splat16(x[r2, t])
-        a2, b2 = fma16(s, lo, a2), fma16(s, hi, b2)
-        s = splat16(x[r3, t])
-        a3, b3 = fma16(s, lo, a3), fma16(s, hi, b3)
-        s = splat16(x[r4, t])
-        a4, b4 = fma16(s, lo, a4), fma16(s, hi, b4)
-        s = splat16(x[r5, t])
-        a5, b5 = fma16(s, lo, a5), fma16(s, hi, b5)
-        s = splat16(x[r6, t])
-        a6, b6 = fma16(s, lo, a6), fma16(s, hi, b6)
-        s = splat16(x[r7, t])
-        a7, b7 = fma16(s, lo, a7), fma16(s, hi, b7)
-    _store(out, r0, j, cols, a0, b0)
-    _store(out, r1, j, cols, a1, b1)
-    _store(out, r2, j, cols, a2, b2)
-    _store(out, r3, j, cols, a3, b3)
-    _store(out, r4, j, cols, a4, b4)
-    _store(out, r5, j, cols, a5, b5)
-    _store(out, r6, j, cols, a6, b6)
-    _store(out, r7, j, cols, a7, b7)
+    z = zeros16()
+    top = bottom = (z, z, z, z, z, z, z, z)
+    for r in range(i, last + 1):  # the output lines stored at the end, fetched for writing meanwhile
+        prefetch_write(out, r * out.shape[1] + j)
+        prefetch_write(out, r * out.shape[1] + j + 16)
+    for t in range(x.shape[1]):
+        lo, hi = load16(panel, t * PANEL), load16(panel, t * PANEL + 16)
+        top = _rows4(x, r0, r1, r2, r3, t, lo, hi, top)
+        bottom = _rows4(x, r4, r5, r6, r7, t, lo, hi, bottom)
+    _store4(out, r0, r1, r2, r3, j, cols, top)
+    _store4(out, r4, r5, r6, r7, j, cols, bottom)
 
 
 @helper()
 def _tile4(x, panel, out, i, rows, j, cols):
     # as _tile8, for rows 1..4
-    k = x.shape[1]
     last = i + rows - 1
     r0, r1, r2, r3 = i, min(i + 1, last), min(i + 2, last), min(i + 3, last)
-    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = zeros16()
-    for t in range(k):
-        lo = load16(panel, t * PANEL)
-        hi = load16(panel, t * PANEL + 16)
-        s = splat16(x[r0, t])
-        a0, b0 = fma16(s, lo, a0), fma16(s, hi, b0)
-        s = splat16(x[r1, t])
-        a1, b1 = fma16(s, lo, a1), fma16(s, hi, b1)
-        s = splat16(x[r2, t])
-        a2, b2 = fma16(s, lo, a2), fma16(s, hi, b2)
-        s = splat16(x[r3, t])
-        a3, b3 = fma16(s, lo, a3), fma16(s, hi, b3)
-    _store(out, r0, j, cols, a0, b0)
-    _store(out, r1, j, cols, a1, b1)
-    _store(out, r2, j, cols, a2, b2)
-    _store(out, r3, j, cols, a3, b3)
+    z = zeros16()
+    acc = (z, z, z, z, z, z, z, z)
+    for t in range(x.shape[1]):
+        acc = _rows4(x, r0, r1, r2, r3, t, load16(panel, t * PANEL), load16(panel, t * PANEL + 16), acc)
+    _store4(out, r0, r1, r2, r3, j, cols, acc)
 
 
 @helper()
