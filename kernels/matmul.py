@@ -10,8 +10,9 @@ the k loop it loads the panel's row t (two vectors), broadcasts x[r, t] for the 
 accumulator ever goes to memory. Each panel is read once per 8 rows of x, from L2 after the first time; the
 tile's output lines are prefetched for writing when it starts (without that, the stores at its end miss and
 cost 8% on the wide products). Rows left over take a 4-row or 1-row tile (a short tile repeats its last row):
-the three tiles spell out their registers, as register tiles must, and sum in the same order, so a row's
-result never depends on which tile computed it or on the rows around it. Without AVX-512 (16 registers of 8
+every tile keeps its accumulators in named locals (tuples of vectors), which is what lets LLVM hold them in
+registers, and all sum in the same order, so a row's result never depends on which tile computed it or on the
+rows around it. Without AVX-512 (16 registers of 8
 lanes) a 6-row x 16-column tile takes its place (`_tile6`, WIDE_REGISTERS below); compiled for a Haswell CPU
 on this machine it runs at OpenBLAS's rate from 64 rows up and 1.4-1.6x faster at 8-18 rows.
 
