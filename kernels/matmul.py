@@ -158,16 +158,17 @@ def _panel_wide(x, panel, out, j, cols):
     # AVX-512 (32 registers): out[:, j:j + cols] = x [m, k] @ panel [k, 32]
     m = x.shape[0]
     i = 0
-    while m - i >= 8:
-        _tile8(x, panel, out, i, 8, j, cols)
-        i += 8
-    rest = m - i  # 0..7 rows left: the cheapest tile that covers them
-    if rest >= 5:
-        _tile8(x, panel, out, i, rest, j, cols)
-    elif rest >= 2:
-        _tile4(x, panel, out, i, rest, j, cols)
-    elif rest == 1:
-        _tile1(x, panel, out, i, j, cols)
+    while i < m:  # 8 rows at a time; the last 1..7 take the cheapest tile that covers them
+        rest = m - i
+        if rest >= 5:
+            _tile8(x, panel, out, i, min(8, rest), j, cols)
+            i += 8
+        elif rest >= 2:
+            _tile4(x, panel, out, i, rest, j, cols)
+            i += 4
+        else:
+            _tile1(x, panel, out, i, j, cols)
+            i += 1
 
 
 @helper()
