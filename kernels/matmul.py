@@ -17,8 +17,8 @@ lanes) a 6-row x 16-column tile takes its place (`_tile6`, WIDE_REGISTERS below)
 on this machine it runs at OpenBLAS's rate from 64 rows up and 1.4-1.6x faster at 8-18 rows.
 
 Measured on one core (AMD EPYC, AVX-512) over the 48 products of bge-small (distinct weights, streamed from
-memory) against numpy's OpenBLAS sgemm on [in, out] weights: 8 rows 4.3 vs 11.9 ms, 9 rows 4.9 vs 13.4,
-17 rows 8.1 vs 16.5, 64 rows 26.6 vs 34.2, 256 rows 102 vs 111 (OpenBLAS re-packs the weights on every call,
+memory) against numpy's OpenBLAS sgemm on [in, out] weights, `python benchmarks/matmul.py`: 2-3.5x faster at
+2-12 rows (a query), 1.8-2x at 13-18, 1.25x at 64, 1.05x at 256 (OpenBLAS re-packs the weights on every call,
 which is most of its time when few rows share them). Summation runs in order along k, one rounding per FMA.
 """
 
