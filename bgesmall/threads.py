@@ -151,12 +151,13 @@ _passes_lock = threading.Lock()
 
 @contextmanager
 def engine_pass():
-    """Marks a forward pass as running (so that no query splits beside it)."""
+    """Marks a forward pass as running; yields whether no other was (only then may a query split)."""
     global _passes
     with _passes_lock:
+        alone = _passes == 0
         _passes += 1
     try:
-        yield
+        yield alone
     finally:
         with _passes_lock:
             _passes -= 1
@@ -165,18 +166,11 @@ def engine_pass():
 def run_small_pass(threads: int, forward):
     """forward(parts) for a pass that is a single batch: on the split thread with its products shared by up to
     `threads` threads when the rules above allow, else forward(1) in the calling thread."""
-    global _passes
-    with _passes_lock:
-        alone = _passes == 0
-        _passes += 1
-    try:
+    with engine_pass() as alone:
         executor = _split_executor() if threads > 1 and alone else None
         if executor is None:
             return forward(1)
         return executor.submit(_split_forward, forward, threads).result()
-    finally:
-        with _passes_lock:
-            _passes -= 1
 
 
 def _split_forward(forward, threads: int):

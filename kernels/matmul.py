@@ -67,6 +67,14 @@ def _store(out, r, j, cols, lo, hi):
 
 
 @helper()
+def _prefetch_rows(out, first, last, c0, width):
+    # out[first:last + 1, c0:c0 + width], which a tile stores at its end, fetched for writing while it computes
+    for r in range(first, last + 1):
+        for c in range(c0, c0 + width, 16):
+            prefetch_write(out, r * out.shape[1] + c)
+
+
+@helper()
 def _rows4(x, r0, r1, r2, r3, t, lo, hi, acc):
     # one step t of four rows of a tile: acc (a0, b0, .., a3, b3) += x[row, t] * (lo | hi), a: columns 0..15
     a0, b0, a1, b1, a2, b2, a3, b3 = acc
@@ -92,9 +100,7 @@ def _tile8(x, panel, out, i, rows, j, cols):
     r4, r5, r6, r7 = min(i + 4, last), min(i + 5, last), min(i + 6, last), min(i + 7, last)
     z = zeros16()
     top = bottom = (z, z, z, z, z, z, z, z)
-    for r in range(i, last + 1):  # the output lines stored at the end, fetched for writing meanwhile
-        prefetch_write(out, r * out.shape[1] + j)
-        prefetch_write(out, r * out.shape[1] + j + 16)
+    _prefetch_rows(out, i, last, j, PANEL)
     for t in range(x.shape[1]):
         lo, hi = load16(panel, t * PANEL), load16(panel, t * PANEL + 16)
         top = _rows4(x, r0, r1, r2, r3, t, lo, hi, top)
@@ -134,9 +140,7 @@ def _tile6(x, panel, out, i, rows, j, h, cols):
     last = i + rows - 1
     r0, r1, r2, r3, r4, r5 = i, min(i + 1, last), min(i + 2, last), min(i + 3, last), min(i + 4, last), min(i + 5, last)
     a0 = a1 = a2 = a3 = a4 = a5 = zeros16()
-    n = out.shape[1]
-    for r in range(i, last + 1):
-        prefetch_write(out, r * n + j + h)
+    _prefetch_rows(out, i, last, j + h, 16)
     for t in range(k):
         v = load16(panel, t * PANEL + h)
         a0 = fma16(splat16(x[r0, t]), v, a0)

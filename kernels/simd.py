@@ -2,7 +2,7 @@
 
 numba has no vector type, and LLVM's auto-vectorizer will not keep a matmul's tile of accumulators in
 registers (it either leaves them in memory, paying a load and a store per multiply-add, or reduces along the
-wrong axis). This module adds the type `f32x16` and six operations on it, each lowered to one LLVM
+wrong axis). This module adds the type `f32x16` and the operations below, each lowered to one LLVM
 instruction over `<16 x float>`. A kernel that holds its accumulators in `f32x16` locals compiles to a loop of
 vector loads, broadcasts and FMAs with the tile in registers (see `matmul.py`). Where the CPU lacks AVX-512,
 LLVM splits each operation into two 8-lane ones: still correct, slower.
@@ -13,7 +13,8 @@ LLVM splits each operation into two 8-lane ones: still correct, slower.
     splat16(x)        [x] * 16
     zeros16()         [0.0] * 16
     fma16(a, b, c)    a * b + c, lane by lane, rounded once
-    add16(a, b)       a + b, lane by lane
+    prefetch_write(a, i)   a hint: the cache line of a[i] is about to be written
+    has_avx512()      whether numba compiles for AVX-512 (plain Python, for choosing a tile)
 """
 
 from llvmlite import ir
@@ -113,17 +114,6 @@ def fma16(typingctx, a, b, c):
         return builder.call(fma, args)
 
     return f32x16(a, b, c), codegen
-
-
-@intrinsic
-def add16(typingctx, a, b):
-    if not (a == b == f32x16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-
-    return f32x16(a, b), codegen
 
 
 @intrinsic
