@@ -45,7 +45,8 @@ class BgeSmall(Engine):
     def describe(self):
         import bgesmall
 
-        return f"bgesmall {getattr(bgesmall, '__version__', '?')}, its own batching"
+        plan = "; ".join(self.model.plan.describe())
+        return f"bgesmall {getattr(bgesmall, '__version__', '?')}, its own batching; plan: {plan}"
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:  # [n, d] -> [n, d]
