@@ -51,7 +51,10 @@ def pick(times: dict[str, float], incumbent: str) -> str:
 
 
 def measure(cfg, weights, threads: int, budget_s: float = BUDGET_S) -> Plan:
-    """A plan measured for this model on this machine, in at most about budget_s seconds."""
+    """A plan measured for this model on this machine, in at most about budget_s seconds (of measuring: the split
+    kernel of a query, compiled or loaded at its first use, is made ready first)."""
+    if threads > 1:
+        on_split_thread(lambda parts: None, threads)
     t0 = time.perf_counter()
     deadline = t0 + budget_s
     plan = default_plan(cfg)

@@ -244,7 +244,7 @@ def linear(x, w, out, block=0):
 def linear_split(x, w, out, parts):
     # as `linear`, the panels dealt to `parts` threads in contiguous runs: for one small pass (a query), whose
     # product is a stream of the whole weight matrix that one core cannot consume alone
-    _check_shapes(x, w, out, 0, w.shape[0])
     panels = w.shape[0]
+    _check_shapes(x, w, out, np.int64(0), panels)  # int64s, as linear_panels passes: one compiled check for both
     for part in numba.prange(parts):
         linear_panels(x, w, out, part * panels // parts, (part + 1) * panels // parts, 0)
