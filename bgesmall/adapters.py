@@ -6,6 +6,7 @@
   result; a str or a non-string item raises TypeError naming it, as Model.embed does), then the embedding, with
   BGE's query instruction for queries only.
 - `one_text`: the same rule for a single query or text.
+- `load_arguments`: what a framework's saved config keeps to load the same model again.
 - `missing_extra`: the ImportError an adapter raises when its framework is not installed.
 
 None of this imports a framework; each adapter module imports its own.
@@ -56,6 +57,15 @@ def shared_model(model=None, *, threads: int | None = None, **load_kwargs) -> Mo
         if found is None:
             found = _models[key] = load(folder, threads=threads, **load_kwargs)
         return found
+
+
+def load_arguments(model, threads: int | None, load_kwargs: dict) -> dict:
+    """What rebuilds an adapter's model, for a framework's saved config: shared_model(**load_arguments(...)).
+    The folder as given (None stays None: the BGE-small weights wherever the loading machine has them); for a
+    loaded Model, its folder and threads."""
+    if isinstance(model, Model):
+        return {"model": str(model.path), "threads": model.threads, **load_kwargs}
+    return {"model": None if model is None else str(model), "threads": threads, **load_kwargs}
 
 
 def check_model_argument(model) -> None:

@@ -10,7 +10,7 @@
 
 Chroma calls the function on documents and `embed_query` on query texts; both return one float32 numpy vector
 per text, as Chroma expects. The function is registered with Chroma under the name "bgesmall", so a persisted
-collection rebuilds it from its config (the model folder and load options).
+collection rebuilds it from its config (the model folder as given, threads and load options).
 Needs the `chroma` extra: pip install "bgesmall[chroma]".
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .adapters import missing_extra, passage_vectors, query_vectors, shared_model
+from .adapters import load_arguments, missing_extra, passage_vectors, query_vectors, shared_model
 from .model import Model
 
 try:
@@ -38,7 +38,7 @@ class BgeSmallEmbeddingFunction(EmbeddingFunction[Documents]):
 
     def __init__(self, model: Model | str | None = None, *, threads: int | None = None, **load_kwargs: Any):
         self.model = shared_model(model, threads=threads, **load_kwargs)
-        self._load_kwargs = dict(load_kwargs)
+        self._arguments = load_arguments(model, threads, load_kwargs)
 
     def embed_documents(self, input: Documents) -> Embeddings:
         """[n] documents -> n float32 vectors (unit length), no instruction; None or [] -> []."""
@@ -61,7 +61,7 @@ class BgeSmallEmbeddingFunction(EmbeddingFunction[Documents]):
         return False  # name, get_config and build_from_config are all here (Chroma's own test builds a copy)
 
     def get_config(self) -> dict[str, Any]:
-        return {"model": str(self.model.path), "threads": self.model.threads, **self._load_kwargs}
+        return dict(self._arguments)  # the folder as given (None: the BGE-small weights), threads, load options
 
     @staticmethod
     def build_from_config(config: dict[str, Any]) -> BgeSmallEmbeddingFunction:

@@ -25,7 +25,7 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
-from .adapters import check_model_argument, missing_extra, one_text, passage_vectors, query_vectors, shared_model
+from .adapters import check_model_argument, load_arguments, missing_extra, one_text, passage_vectors, query_vectors, shared_model
 from .model import Model
 
 try:
@@ -40,21 +40,14 @@ class _ModelSpec:
 
     def __init__(self, model: Model | str | None, threads: int | None, load_kwargs: dict[str, Any]):
         check_model_argument(model)
-        if isinstance(model, Model):
-            self.loaded = shared_model(model, threads=threads, **load_kwargs)  # refuses threads or options here
-            self.path, self.threads = str(model.path), model.threads
-        else:
-            self.loaded = None
-            self.path, self.threads = (None if model is None else str(model)), threads
-        self.load_kwargs = dict(load_kwargs)
+        # a loaded Model is used as it is (shared_model refuses threads or load options beside it)
+        self.loaded = shared_model(model, threads=threads, **load_kwargs) if isinstance(model, Model) else None
+        self.arguments = load_arguments(model, threads, load_kwargs)
 
     def load(self) -> Model:
         if self.loaded is None:
-            self.loaded = shared_model(self.path, threads=self.threads, **self.load_kwargs)
+            self.loaded = shared_model(**self.arguments)
         return self.loaded
-
-    def init_parameters(self) -> dict[str, Any]:
-        return {"model": self.path, "threads": self.threads, **self.load_kwargs}
 
 
 @component
@@ -73,7 +66,7 @@ class BgeSmallTextEmbedder:
         self._spec.load()
 
     def to_dict(self) -> dict[str, Any]:
-        return default_to_dict(self, **self._spec.init_parameters())
+        return default_to_dict(self, **self._spec.arguments)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BgeSmallTextEmbedder:
@@ -121,7 +114,7 @@ class BgeSmallDocumentEmbedder:
             self,
             meta_fields_to_embed=self.meta_fields_to_embed,
             embedding_separator=self.embedding_separator,
-            **self._spec.init_parameters(),
+            **self._spec.arguments,
         )
 
     @classmethod

@@ -374,6 +374,10 @@ def test_chroma_vectors_config_and_bad_input(minilm_dir, minilm):
     assert ef.get_config() == {"model": str(minilm_dir), "threads": 1}
     rebuilt = from_bgesmall.BgeSmallEmbeddingFunction.build_from_config(ef.get_config())
     assert rebuilt.model is ef.model and not ef.is_legacy() and ef.name() == "bgesmall"
+    given_model = from_bgesmall.BgeSmallEmbeddingFunction(minilm)
+    assert given_model.get_config() == {"model": str(minilm.path), "threads": minilm.threads}
+    # no folder given: the config says so, and a machine that rebuilds it finds its own BGE-small weights
+    assert adapters.load_arguments(None, None, {}) == {"model": None, "threads": None}
     assert ef([]) == [] and ef(None) == [] and ef.embed_query([]) == []
     with pytest.raises(TypeError, match="input 1 is bytes"):
         ef(["fine", b"bytes"])
