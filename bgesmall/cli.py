@@ -358,7 +358,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("pooling", info["pooling"]),
         ("layers", f"{info['layers']} ({info['heads']} heads, vocab {info['vocab_size']:,})"),
         ("threads", f"{info['worker_threads']} workers, one per core, each single-threaded "
-                    "(set BGESMALL_NUM_THREADS to change); a query made alone shares its matmuls among them"),
+                    "(set BGESMALL_NUM_THREADS to change); a query made alone "
+                    + ("shares its matmuls among them" if model.plan.query == "split" and model.threads > 1
+                       else "runs on one (the plan's choice)")),
         ("BLAS threads", f"{info['blas_threads']} (held at 1 while bgesmall runs batches)"),
         ("numba cache", info["numba_cache"]),
     ]
