@@ -335,6 +335,7 @@ def _write_shard(path: Path, batches: list, null_rows: int) -> None:
 def read_job(folder: Path):
     """The output of a complete job folder as one Arrow table, rows in input order."""
     pa, pq = pyarrow()
+    folder = Path(folder)
     manifest = JobFolder(folder).read_manifest()
     if manifest is None:
         raise JobError(f"{folder} holds no {MANIFEST}: not a bgesmall job folder")
