@@ -73,12 +73,9 @@ def _count_lines(name: str) -> int | None:
     """Lines in a regular file (for the progress total); None for stdin or a pipe."""
     if name == "-" or not os.path.isfile(name):
         return None
-    n, last = 0, b"\n"
-    with open(name, "rb") as f:
-        while block := f.read(1 << 20):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
+    from .parquet_io import count_lines  # no pyarrow needed for this
+
+    return count_lines(Path(name))
 
 
 # ---- writing embeddings ----

@@ -97,7 +97,7 @@ class Input:
     def total_rows(self) -> int | None:
         if self.rows_per_file is not None:
             return sum(self.rows_per_file)
-        return _count_lines(self.files[0])  # an upper bound for JSONL (blank lines are not rows)
+        return count_lines(self.files[0])  # an upper bound for JSONL (blank lines are not rows)
 
     def fingerprint(self) -> dict:
         """What a resumed job checks: the field, and each file's name, size and sampled sha256."""
@@ -214,7 +214,8 @@ def _parquet_footer(pq, path: Path):
         raise TableError(f"cannot read {path}: not a readable Parquet file ({e})") from None
 
 
-def _count_lines(path: Path) -> int:
+def count_lines(path: Path) -> int:
+    """Lines in a file, a last line without a newline included."""
     n, last = 0, b"\n"
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
