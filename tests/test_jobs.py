@@ -271,3 +271,21 @@ def test_empty_input_gives_one_empty_shard(tmp_path, minilm_dir):
     assert embed(["-i", tmp_path / "empty.txt", "-o", tmp_path / "job"], minilm_dir) == 0
     table = jobs.read_job(tmp_path / "job")
     assert table.num_rows == 0 and table.column_names == ["text", "embedding"]
+
+
+def test_progress_counts_resumed_rows_in_the_total_not_in_the_rate():
+    import io
+
+    from bgesmall.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    bar = Progress(1000, stream=out, unit="rows", initial=400)
+    bar.start -= 10.0  # as if 10 s had passed since the start and the last line
+    bar._last -= 10.0
+    bar.update(100)
+    line = out.getvalue().strip()
+    assert line.startswith("500/1000 rows") and "10.0 rows/s" in line and "ETA 0:50" in line
