@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 from . import __version__
 from .columns import EmbedOptions, check_keep, embed_batch, with_embedding
 from .fingerprint import combined, model_file_hashes
-from .parquet_io import Input, ParquetStream, TableError, commit, part_name, pyarrow, write_table_atomically
+from .parquet_io import (Input, ParquetStream, TableError, commit, conform, part_name, pyarrow,
+                         write_table_atomically)
 from .progress import Progress
 
 MANIFEST = "manifest.json"
@@ -71,7 +72,7 @@ def _chunks(inp: Input, start: int, rows: int) -> Iterator:
         held.append(batch)
         n += batch.num_rows
         while n >= rows:
-            table = pa.Table.from_batches(held) if len(held) > 1 else pa.Table.from_batches(held[:1])
+            table = pa.Table.from_batches(held)
             yield table.slice(0, rows)
             rest = table.slice(rows)
             held, n = rest.to_batches(), rest.num_rows
@@ -305,7 +306,7 @@ def run_job(model, inp: Input, folder: Path, opts: EmbedOptions, settings: JobSe
                 nulls_before = summary.null_rows
                 batches = _embed_rows(model, table, opts, inp.where, summary.rows, settings.batch_size, summary, bar)
                 path = shard_path(folder, summary.shards)
-                _write_shard(path, batches, summary.null_rows - nulls_before)
+                _write_shard(path, batches, summary.null_rows - nulls_before, _first_schema(folder), summary.rows)
                 summary.shards += 1
                 summary.rows += table.num_rows
                 shard_list.append({"file": path.name, "rows": table.num_rows,
@@ -326,8 +327,17 @@ def run_job(model, inp: Input, folder: Path, opts: EmbedOptions, settings: JobSe
     return summary
 
 
-def _write_shard(path: Path, batches: list, null_rows: int) -> None:
+def _first_schema(folder: Path):
+    """The columns of part-000000 (every shard keeps them), or None before it is written."""
+    _, pq = pyarrow()
+    first = shard_path(folder, 0)
+    return pq.read_schema(first).remove_metadata() if first.is_file() else None
+
+
+def _write_shard(path: Path, batches: list, null_rows: int, schema=None, first_row: int = 0) -> None:
     pa, _ = pyarrow()
+    if schema is not None:  # JSONL records whose types differ from the first shard's: cast, or say which column
+        batches = [b if b.schema.equals(schema) else conform(pa, b, schema, first_row) for b in batches]
     table = pa.Table.from_batches(batches)
     write_table_atomically(path, table, {NULL_ROWS_KEY: str(null_rows).encode()})
 

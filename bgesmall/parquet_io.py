@@ -286,7 +286,7 @@ class ParquetStream:
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.part, batch.schema)
         elif batch.schema != self.writer.schema:
-            batch = _conform(pa, batch, self.writer.schema, self.rows)
+            batch = conform(pa, batch, self.writer.schema, self.rows)
         self.writer.write_batch(batch)
         self.rows += batch.num_rows
 
@@ -303,7 +303,8 @@ class ParquetStream:
         self.part.unlink(missing_ok=True)
 
 
-def _conform(pa, batch, schema, first_row: int):
+def conform(pa, batch, schema, first_row: int):
+    """`batch` with the columns and types of `schema` (a missing column as nulls), or a TableError naming the column."""
     columns = []
     for f in schema:
         if f.name not in batch.schema.names:

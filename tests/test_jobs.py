@@ -289,3 +289,15 @@ def test_progress_counts_resumed_rows_in_the_total_not_in_the_rate():
     bar.update(100)
     line = out.getvalue().strip()
     assert line.startswith("500/1000 rows") and "10.0 rows/s" in line and "ETA 0:50" in line
+
+
+def test_jsonl_records_whose_types_drift_between_shards(tmp_path, minilm_dir, capsys):
+    numbers_then_nulls = [{"text": f"t{i}", "n": i if i < 12 else None} for i in range(30)]
+    (tmp_path / "a.jsonl").write_text("\n".join(map(json.dumps, numbers_then_nulls)) + "\n", encoding="utf-8")
+    assert cli.main(job_args(minilm_dir, tmp_path / "a.jsonl", tmp_path / "a")) == 0
+    assert jobs.read_job(tmp_path / "a").column("n").to_pylist() == list(range(12)) + [None] * 18
+    nulls_then_words = [{"text": f"t{i}", "n": None if i < 12 else "word"} for i in range(30)]
+    (tmp_path / "b.jsonl").write_text("\n".join(map(json.dumps, nulls_then_words)) + "\n", encoding="utf-8")
+    assert cli.main(job_args(minilm_dir, tmp_path / "b.jsonl", tmp_path / "b")) == 1
+    assert "column 'n' is string from row 12 on, but null before" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [jobs.MANIFEST, "part-000000.parquet"]
