@@ -73,12 +73,9 @@ def _count_lines(name: str) -> int | None:
     """Lines in a regular file (for the progress total); None for stdin or a pipe."""
     if name == "-" or not os.path.isfile(name):
         return None
-    n, last = 0, b"\n"
-    with open(name, "rb") as f:
-        while block := f.read(1 << 20):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
+    from .parquet_io import count_lines  # no pyarrow needed for this
+
+    return count_lines(Path(name))
 
 
 # ---- writing embeddings ----
@@ -199,6 +196,11 @@ def _tee(texts: Iterable[str], seen: list[str]) -> Iterator[str]:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.subparser
+    if _table_job(args):
+        return _embed_table(args)
+    if args.keep or args.strict or args.overwrite or args.shard_rows is not None:
+        parser.error("--keep, --strict, --overwrite and --shard-rows apply to Parquet output or a job folder "
+                     "(--output FILE.parquet or --output FOLDER)")
     source = "-" if args.texts == ["-"] else args.input  # a file or stdin; None: the TEXT arguments
     if args.texts and args.input:
         parser.error("give texts as arguments (or -) or with --input FILE, not both")
@@ -236,6 +238,78 @@ def cmd_embed(args: argparse.Namespace) -> int:
                 texts = (t for _, t in lines)
             total = _count_lines(source)
         return _embed_stream(args, texts, total, out, kind, records)
+
+
+# ---- tables: Parquet in or out, resumable job folders, Ray (the work is in bgesmall.jobs and bgesmall.ray) ----
+
+
+def _table_job(args: argparse.Namespace) -> bool:
+    """Parquet in or out, a folder as output (a resumable job) or --ray: the table path."""
+    out = Path(args.output) if args.output else None
+    source = args.input or ""
+    return (args.ray is not None or (out is not None and out.suffix.lower() in (".parquet", ""))
+            or source.lower().endswith(".parquet") or os.path.isdir(source)
+            or (any(c in source for c in "*?[") and not os.path.exists(source)))
+
+
+def _embed_table(args: argparse.Namespace) -> int:
+    from .columns import EmbedOptions
+    from .parquet_io import TableError
+
+    parser: argparse.ArgumentParser = args.subparser
+    if not args.input or args.input == "-" or args.texts:
+        parser.error("Parquet output, a job folder and --ray read --input FILE, FOLDER or 'GLOB' "
+                     "(not standard input or TEXT arguments)")
+    out = Path(args.output) if args.output else None
+    if out is None or out.suffix.lower() not in (".parquet", ""):
+        parser.error(f"--input {args.input} is read as a table: give --output FILE.parquet or --output FOLDER "
+                     "(a resumable job)")
+    if args.batch_size < 1 or (args.shard_rows is not None and args.shard_rows < 1):
+        parser.error("--batch-size and --shard-rows must be at least 1")
+    keep = tuple(k.strip() for k in args.keep.split(",") if k.strip()) if args.keep else None
+    opts = EmbedOptions(field=args.field or "text", query=args.query, strict=args.strict, keep=keep)
+    try:
+        if args.ray is not None:
+            return _embed_on_ray(args, opts, out)
+        return _embed_table_here(args, opts, out)
+    except TableError as e:
+        raise CLIError(str(e)) from None
+
+
+def _embed_table_here(args: argparse.Namespace, opts, out: Path) -> int:
+    from . import jobs
+    from .parquet_io import Input
+
+    inp = Input.open(args.input, args.field)
+    model = _load(args.model)
+    if out.suffix.lower() == ".parquet":
+        if out.parent and not out.parent.is_dir():
+            raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
+        try:
+            summary = jobs.embed_to_file(model, inp, out, opts, batch_size=args.batch_size, progress=not args.quiet)
+        except OSError as e:
+            raise CLIError(f"cannot write {out}: {e.strerror or e}") from None
+        print(f"{PROG} embed: wrote {summary.rows} embeddings x {model.dim} to {out}{summary.nulls_said()}",
+              file=sys.stderr)
+        return 0
+    settings = jobs.JobSettings(shard_rows=args.shard_rows or jobs.DEFAULT_SHARD_ROWS, batch_size=args.batch_size)
+    summary = jobs.run_job(model, inp, out, opts, settings, overwrite=args.overwrite, progress=not args.quiet)
+    resumed = f" ({summary.resumed_rows} done by an earlier run)" if summary.resumed_rows else ""
+    print(f"{PROG} embed: {summary.rows} embeddings x {model.dim} in {summary.shards} shard(s) in {out}{resumed}"
+          f"{summary.nulls_said()}", file=sys.stderr)
+    return 0
+
+
+def _embed_on_ray(args: argparse.Namespace, opts, out: Path) -> int:
+    try:
+        from . import ray as bgesmall_ray
+    except ImportError as e:
+        raise CLIError(f"--ray needs Ray Data, which is not installed ({e}): pip install 'bgesmall[ray]'") from None
+    summary = bgesmall_ray.run_job(args.input, out, opts, model_dir=args.model, address=args.ray,
+                                   model_path_shared=args.model_shared, batch_size=args.batch_size)
+    print(f"{PROG} embed: {summary['rows']} embeddings in {out} on Ray ({summary['null_rows']} without a text)",
+          file=sys.stderr)
+    return 0
 
 
 def _embed_stream(args, texts: Iterable[str], total: int | None, out: Path | None, kind: str | None,
@@ -496,6 +570,9 @@ EPILOGS = {
   bgesmall embed --input docs.jsonl --field body --output out.jsonl   # records + "embedding"
   cat docs.txt | bgesmall embed - --output docs.npy         # read standard input
   bgesmall embed --model path/to/all-MiniLM-L6-v2 "any BERT checkpoint folder"
+  bgesmall embed --input docs.parquet --field text --keep id,url --output vectors.parquet
+  bgesmall embed --input 'docs/*.parquet' --output vectors/       # resumable: run it again after a kill
+  bgesmall embed --ray auto --input 'docs/*.parquet' --output vectors/   # on a Ray cluster
 
 Large inputs are streamed in chunks of --batch-size texts (bounded memory, input order kept). A .jsonl or
 .ndjson input uses --field text unless told otherwise. Output rows are L2-normalized float32.""",
@@ -559,6 +636,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", action="store_true", help="embed as search queries (prepends BGE's instruction)")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="texts per chunk (default 256)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    # tables and jobs (bgesmall.jobs, bgesmall.ray): --input FILE.parquet|FOLDER|'GLOB', --output FILE.parquet|FOLDER
+    p.add_argument("--keep", metavar="COLS", help="Parquet output: keep only these input columns (comma-separated) "
+                                                  "beside the embedding (default: all)")
+    p.add_argument("--strict", action="store_true", help="a row without a text is an error (default: a null "
+                                                          "embedding, counted in the summary)")
+    p.add_argument("--overwrite", action="store_true", help="job folder: delete its shards and start over")
+    p.add_argument("--shard-rows", type=int, default=None, metavar="N",
+                   help="job folder: rows per shard (default 10000)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: 'auto', an address, or none for a local one (extra: bgesmall[ray])")
+    p.add_argument("--model-shared", action="store_true",
+                   help="--ray: every node reads --model DIR at the same path (default: it is sent to the workers)")
     p.set_defaults(func=cmd_embed, subparser=p)
 
     p = sub.add_parser("similarity", help="cosine similarity of two texts", epilog=EPILOGS["similarity"],
