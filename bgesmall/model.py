@@ -63,7 +63,7 @@ class Model:
         self.config = config
         self.embedder = embedder
         self.weights = weights
-        self.tokenizer = Tokenizer(files.tokenizer, embedder.max_seq_length)
+        self.tokenizer = Tokenizer(files.tokenizer, embedder.max_seq_length, config.vocab_size)
         # Data-parallel workers need BLAS held at one thread; where that is impossible, one worker.
         self.threads = threads if blas().controllable else 1
         self._pool: ThreadPoolExecutor | None = None
