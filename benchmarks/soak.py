@@ -254,9 +254,9 @@ async def soak(port: int, pid: int, work: Workload, minutes: float) -> dict:
 
     await asyncio.gather(soak_clients(port, work, tally, stop, seed=1), sampler(), timer())
     end = time.perf_counter()
-    samples.append((end - start, *rss_and_fds(pid)))
-    warm = next(s for s in samples if s[0] >= warm_up_s) if samples[-1][0] >= warm_up_s else samples[0]
-    last = samples[-1]
+    warm = next((s for s in samples if s[0] >= warm_up_s), samples[0])
+    busy = samples[-1]  # the last sample with all 32 clients connected: fds compare under the same load
+    last = (end - start, *rss_and_fds(pid))  # after the clients left
     window = min(60.0, minutes * 60 / 3)
     first_ms = [ms for t, ms in tally.latencies if t - start <= warm_up_s + window and t - start > warm_up_s]
     if not first_ms:
@@ -266,7 +266,8 @@ async def soak(port: int, pid: int, work: Workload, minutes: float) -> dict:
             "failed": tally.failed, "failures": tally.failures, "malformed_answered_4xx": tally.malformed_ok,
             "malformed_answered_otherwise": tally.malformed_bad, "disconnects": tally.disconnects,
             "warm_up_s": warm_up_s, "rss_warm_mb": round(warm[1] / 2**20, 1), "rss_end_mb": round(last[1] / 2**20, 1),
-            "rss_growth": round(last[1] / warm[1] - 1, 4), "fds_warm": warm[2], "fds_end": last[2],
+            "rss_growth": round(last[1] / warm[1] - 1, 4), "fds_warm": warm[2], "fds_end": busy[2],
+            "fds_idle": last[2],
             "p99_first_ms": round(p99(first_ms), 1), "p99_last_ms": round(p99(last_ms), 1),
             "window_s": window}
 
@@ -368,7 +369,7 @@ def main(argv=None) -> int:
                   f"{s['malformed_answered_4xx']} malformed answered 4xx ({s['malformed_answered_otherwise']} "
                   f"otherwise); {s['disconnects']} disconnects; RSS {s['rss_warm_mb']} MB after "
                   f"{s['warm_up_s']:g} s -> {s['rss_end_mb']} MB ({s['rss_growth']:+.1%}); fds {s['fds_warm']} -> "
-                  f"{s['fds_end']}; p99 {s['p99_first_ms']} ms (first {s['window_s']:g} s after warm-up) -> "
+                  f"{s['fds_end']} (under load), {s['fds_idle']} once the clients left; p99 {s['p99_first_ms']} ms (first {s['window_s']:g} s after warm-up) -> "
                   f"{s['p99_last_ms']} ms (last {s['window_s']:g} s)", flush=True)
             if s["failed"] or s["malformed_answered_otherwise"]:
                 misses.append(f"soak failures: {s['failed']} well-formed, {s['malformed_answered_otherwise']} "
