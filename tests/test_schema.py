@@ -10,14 +10,11 @@ fixed budget for CI); the recorded run used 150 (see tests/fuzz/README.md).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("httpx")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import (  # noqa: E402
     content_type_conformance,
@@ -26,7 +23,7 @@ from schemathesis.checks import (  # noqa: E402
     response_schema_conformance,
     status_code_conformance,
 )
-from test_server import KEY, MODEL_DIR, NAME, free_port  # noqa: E402
+from test_server import KEY, NAME, start_serve  # noqa: E402
 
 pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("BGESMALL_SCHEMA_EXAMPLES", "25"))
@@ -37,21 +34,8 @@ CASES: list[tuple[str, int]] = []  # (operation, status) of every case sent
 
 @pytest.fixture(scope="module")
 def served():
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "bgesmall.server", "--model", str(MODEL_DIR), "--port", str(port),
-                             "--model-name", NAME, "--api-key", KEY, "--log-level", "warning",
-                             "--max-request-bytes", str(1 << 20)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.monotonic() < deadline, "server did not come up"
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
+    proc, base = start_serve(["--model-name", NAME, "--api-key", KEY, "--log-level", "warning",
+                              "--max-request-bytes", str(1 << 20)])
     yield base
     proc.terminate()
     output = proc.communicate(timeout=60)[0].decode()

@@ -565,27 +565,35 @@ def test_run_reads_options_and_api_key_from_env(monkeypatch, model):
         assert r.json()["data"][0]["id"] == "mine"
 
 
+def start_serve(options: list[str], env=None) -> tuple[subprocess.Popen, str]:
+    """`python -m bgesmall.server` on the MiniLM folder and a free port, once it answers /health; output piped."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "bgesmall.server", "--model", str(MODEL_DIR), "--port", str(port),
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read().decode())
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("server did not come up")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 def test_sigterm_finishes_the_request_in_flight(tmp_path):
     """A subprocess server gets SIGTERM while a large request is being computed: the request still succeeds.
     It logs at debug level, and its API key (right and wrong ones sent) appears nowhere in its output."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     secret = "sk-never-log-me-4f1c"
     auth = {"Authorization": f"Bearer {secret}"}
-    proc = subprocess.Popen([sys.executable, "-m", "bgesmall.server", "--model", str(MODEL_DIR), "--port", str(port),
-                             "--log-level", "debug", "--max-batch-tokens", "2048"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "BGESMALL_API_KEY": secret})
+    proc, base = start_serve(["--log-level", "debug", "--max-batch-tokens", "2048"],
+                             env={**os.environ, "BGESMALL_API_KEY": secret})
+    deadline = time.monotonic() + 120
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         texts = [f"sentence {i} of a long request that keeps the model busy for a while" for i in range(1500)]
         result = {}
         wrong = httpx.post(base + "/v1/embeddings", json={"input": "x"}, timeout=30,
