@@ -1,6 +1,6 @@
 """The fuzz harnesses (tests/fuzz/) in the normal test run: every input that ever failed, kept under
 tests/fuzz/corpus/<harness>/, is replayed through the harness's own check; and each harness runs under atheris
-for a short fixed time (BGESMALL_FUZZ_SECONDS, default 10), which the long recorded runs extend
+for a short fixed time (BGESMALL_FUZZ_SECONDS, default 5), which the long recorded runs extend
 (tests/fuzz/README.md)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 FUZZ = Path(__file__).parent / "fuzz"
 sys.path.insert(0, str(FUZZ))
 HARNESSES = ["fuzz_text", "fuzz_server", "fuzz_load"]
-SECONDS = int(os.environ.get("BGESMALL_FUZZ_SECONDS", "10"))
+SECONDS = int(os.environ.get("BGESMALL_FUZZ_SECONDS", "5"))
 
 
 def corpus(harness: str) -> list[Path]:
