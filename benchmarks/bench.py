@@ -71,8 +71,14 @@ def machine_info(threads: int) -> dict:
                 model = ln.split(":", 1)[1].strip()
     except OSError:
         pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx2", "fma") if f" {f}" in flags]
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    first = dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in cpuinfo.split("\n\n")[0].splitlines()))
+    flags = f" {first.get('flags', '')} "
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+           if f" {f} " in flags]
+    absent = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f not in isa]
+    number = f"vendor {first.get('vendor_id', '?')}, family {first.get('cpu family', '?')}, model " \
+             f"{first.get('model', '?')}, stepping {first.get('stepping', '?')}"
     blas = [f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')}, {p.get('num_threads')} threads)"
             for p in threadpool_info() if p.get("user_api") == "blas" and "numpy" in p.get("filepath", "")]
     try:
@@ -90,7 +96,8 @@ def machine_info(threads: int) -> dict:
         commit = "?"
     return {
         "commit": commit,
-        "cpu": model, "cores": os.cpu_count(), "isa": isa, "threads": threads,
+        "cpu": model, "cpu_number": number, "cores": os.cpu_count(), "isa": isa, "isa_absent": absent,
+        "threads": threads,
         "python": platform.python_version(), "numpy": np.__version__, "numpy_blas": blas,
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.get(k)},
         "loadavg": load,
@@ -148,9 +155,15 @@ def main(argv=None) -> int:
     engines = [e for e in engines if e not in skipped]
 
     info = machine_info(args.threads)
-    log(f"sgemm roofline, {args.threads} threads")
-    roof = roofline.measure(ckpt, args.threads)
-    log(f"  {roof.gflops:.0f} GFLOP/s ({', '.join(f'{t} tok: {g:.0f}' for t, g in roof.by_tokens.items())})")
+    roofs = []  # the roofline, measured before each workload's turns and at the end: its spread shows the noise
+
+    def measure_roofline(when: str) -> None:
+        log(f"sgemm roofline, {args.threads} threads ({when})")
+        r = roofline.measure(ckpt, args.threads, seconds=1.0)
+        roofs.append((when, r))
+        log(f"  {r.gflops:.0f} GFLOP/s ({', '.join(f'{t} tok: {g:.0f}' for t, g in r.by_tokens.items())})")
+
+    measure_roofline("start")
 
     run_dir = CACHE_DIR / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +180,8 @@ def main(argv=None) -> int:
             log(f"{e}: {label}")
             results[e][label] = run_worker(e, "start", args, ckpt, env)
     for w in wanted + (["profile"] if args.profile else []):
+        if w in ("corpus", "sts"):
+            measure_roofline(f"before {w}")
         for e in engines:
             if w == "profile" and e not in ("bgesmall", "ort-fp32"):
                 continue
@@ -190,13 +205,13 @@ def main(argv=None) -> int:
         p = subprocess.run(cmd, capture_output=True, text=True, check=False)
         opprof = p.stdout if p.returncode == 0 else f"(opprofile.py failed: {(p.stderr or p.stdout)[-300:]})\n"
     info["loadavg_end"] = os.getloadavg()
-    log("sgemm roofline again (the ceiling is the best of both: noise only lowers a rate)")
-    roof = roofline.best(roof, roofline.measure(ckpt, args.threads))
+    measure_roofline("end")
+    roof = roofline.spread(roofs)  # the ceiling is the best measurement: noise only lowers a rate
     accuracy = report.accuracy(run_dir, engines, wanted)
     text = report.render(args, argv if argv is not None else sys.argv[1:], ckpt, info, roof, stats, results,
                          accuracy, skipped, wanted)
     (run_dir / "results.json").write_text(json.dumps(
-        {"machine": info, "roofline": roof.__dict__, "stats": stats, "results": results, "skipped": skipped},
+        {"machine": info, "roofline": roof.__dict__, "roofline_runs": [(w, r.__dict__) for w, r in roofs], "stats": stats, "results": results, "skipped": skipped},
         indent=1, default=str))
     text += "\n" + opprof if opprof else ""
     print(text)

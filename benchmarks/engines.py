@@ -32,12 +32,11 @@ class BgeSmall(Engine):
     needs = ("bgesmall", "numba")
 
     def load(self, ckpt, threads):
-        import numba
-
         import bgesmall
 
-        numba.set_num_threads(threads)
-        self.model = bgesmall.load(ckpt.path)
+        # threads come from BGESMALL_NUM_THREADS / NUMBA_NUM_THREADS, pinned by the worker; numba.set_num_threads
+        # here would start numba's threading layer at load, which bgesmall defers to a query's first split
+        self.model = bgesmall.load(ckpt.path, threads=threads)
 
     def embed(self, texts):
         return self.model.embed(texts)
@@ -45,7 +44,8 @@ class BgeSmall(Engine):
     def describe(self):
         import bgesmall
 
-        return f"bgesmall {getattr(bgesmall, '__version__', '?')}, its own batching"
+        plan = "; ".join(self.model.plan.describe())
+        return f"bgesmall {getattr(bgesmall, '__version__', '?')}, its own batching; plan: {plan}"
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:  # [n, d] -> [n, d]

@@ -65,16 +65,20 @@ def render(args, argv, ckpt, info, roof, stats, results, acc, skipped, wanted) -
     add(f"- model: `{ckpt.path.name}`, {kind}; {ckpt.num_hidden_layers} layers, hidden {ckpt.hidden_size}, "
         f"FFN {ckpt.intermediate_size}, {ckpt.pooling} pooling, truncation at {ckpt.max_tokens} tokens")
     env = ", ".join(f"{k}={v}" for k, v in info["env"].items()) or "OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE not set"
-    add(f"- machine: {info['cpu']}, {info['cores']} cores ({', '.join(info['isa'])}); {info['threads']} threads for "
+    absent = ", ".join(info.get("isa_absent", ())) or "none"
+    add(f"- machine: {info['cpu']} ({info.get('cpu_number', '?')}), {info['cores']} cores; has "
+        f"{', '.join(info['isa'])}; lacks {absent}; {info['threads']} threads for "
         f"every engine; Python {info['python']}, numpy {info['numpy']} with {'; '.join(info['numpy_blas'])}; {env}")
     add(f"- bgesmall at commit {info['commit']}")
     add(f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in info['loadavg'])}, at the end: "
         f"{', '.join(f'{x:.2f}' for x in info.get('loadavg_end', ()))} (2 cores shared with other work: compare "
         "ratios within one run, not figures across runs)")
-    add(f"- float32 roofline: numpy sgemm on one layer's four linear GEMMs, {roof.threads} threads, best of a "
-        "measurement before and after the engines: "
-        f"**{roof.gflops:.0f} GFLOP/s** ({', '.join(f'{t} tokens: {g:.0f}' for t, g in roof.by_tokens.items())}); "
-        "ceiling texts/s = that rate / real FLOPs per text (linear + attention matmuls, no padding)")
+    runs = [g for _, g in roof.runs]
+    spread = (f"; measured {len(runs)} times between the engines' turns ({', '.join(f'{w}: {g:.0f}' for w, g in roof.runs)}"
+              f", spread {min(runs):.0f}-{max(runs):.0f})" if runs else "")
+    add(f"- float32 roofline: numpy sgemm on one layer's four linear GEMMs, {roof.threads} threads, the best "
+        f"measurement: **{roof.gflops:.0f} GFLOP/s** ({', '.join(f'{t} tokens: {g:.0f}' for t, g in roof.by_tokens.items())})"
+        f"{spread}; ceiling texts/s = that rate / real FLOPs per text (linear + attention matmuls, no padding)")
     for e, why in skipped.items():
         add(f"- skipped {e}: {why}")
     descr = {e: next((r[w]["describe"] for w in r if isinstance(r[w], dict) and r[w].get("describe")), "")
@@ -164,28 +168,28 @@ def workloads_query() -> str:
 
 
 def targets(results, stats, roof, rate) -> str:
-    """The targets of issue 5, measured in this run."""
-    L = ["### targets of issue 5, this run", "", "| target | measured | met |", "|---|---:|:---:|"]
+    """The exact tier's targets (issue 9: speed on every CPU), measured in this run."""
+    L = ["### targets of the exact tier (issue 9), this run", "", "| target | measured | met |", "|---|---:|:---:|"]
 
     def row(what, value, ok, fmt):
         L.append(f"| {what} | {_f(value, fmt)} | {'n/a' if value is None else ('yes' if ok(value) else 'no')} |")
 
     b, o = rate("bgesmall", "corpus"), rate("ort-fp32", "corpus")
-    row("corpus: bgesmall / ort-fp32 texts/s >= 2.5", b / o if b and o else None, lambda v: v >= 2.5, "{:.2f}x")
+    row("corpus: bgesmall / ort-fp32 texts/s >= 1.6", b / o if b and o else None, lambda v: v >= 1.6, "{:.2f}x")
     if b and "corpus" in stats:
         ceiling = roof.gflops * 1e9 / (stats["corpus"]["flops"] / stats["corpus"]["n"])
-        row("corpus: fraction of roofline >= 75%", 100 * b / ceiling, lambda v: v >= 75, "{:.0f}%")
+        row("corpus: fraction of the best roofline >= 90%", 100 * b / ceiling, lambda v: v >= 90, "{:.0f}%")
     b, o = rate("bgesmall", "sts"), rate("ort-fp32", "sts")
-    row("sts: bgesmall / ort-fp32 texts/s >= 1.0", b / o if b and o else None, lambda v: v >= 1.0, "{:.2f}x")
+    row("sts: bgesmall / ort-fp32 texts/s >= 1.25", b / o if b and o else None, lambda v: v >= 1.25, "{:.2f}x")
     bq = results.get("bgesmall", {}).get("query", {}).get("p50_s")
     oq = results.get("ort-fp32", {}).get("query", {}).get("p50_s")
-    row("query p50: bgesmall / ort-fp32 <= 0.5", bq / oq if bq and oq else None, lambda v: v <= 0.5, "{:.2f}x")
-    rss = results.get("bgesmall", {}).get("corpus", {}).get("rss_mb")
-    row("corpus peak RSS <= 400 MB", rss, lambda v: v <= 400, "{:.0f} MB")
+    row("query p50: bgesmall / ort-fp32 <= 0.75", bq / oq if bq and oq else None, lambda v: v <= 0.75, "{:.2f}x")
     ws = results.get("bgesmall", {}).get("start_warm", {}).get("start_s")
-    row("warm start (import + load + first embedding) <= 1 s", ws, lambda v: v <= 1.0, "{:.2f} s")
+    row("warm start (import + load + first embedding) <= 0.6 s", ws, lambda v: v <= 0.6, "{:.2f} s")
     cs = results.get("bgesmall", {}).get("start_cold", {}).get("start_s")
-    L.append(f"| cold start, empty numba cache (reported) | {_f(cs, '{:.2f} s')} | |")
+    row("cold start, empty numba cache (kernels compile, plan measured) <= 5 s", cs, lambda v: v <= 5.0, "{:.2f} s")
+    rss = results.get("bgesmall", {}).get("corpus", {}).get("rss_mb")
+    L.append(f"| corpus peak RSS (reported) | {_f(rss, '{:.0f} MB')} | |")
     L.append("")
     return "\n".join(L)
 

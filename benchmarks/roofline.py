@@ -21,6 +21,7 @@ class Roofline:
     gflops: float  # best sgemm rate over the token counts tried, GFLOP/s
     by_tokens: dict  # tokens -> GFLOP/s, one encoder layer's four linear GEMMs
     threads: int
+    runs: tuple = ()  # (when, GFLOP/s) of each measurement that went into it
 
 
 def layer_gemms(ckpt: Checkpoint, tokens: int, rng) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -31,9 +32,12 @@ def layer_gemms(ckpt: Checkpoint, tokens: int, rng) -> list[tuple[np.ndarray, np
              np.empty((tokens, n), np.float32)) for k, n in shapes]
 
 
-def best(a: Roofline, b: Roofline) -> Roofline:
-    by = {t: max(a.by_tokens[t], b.by_tokens[t]) for t in a.by_tokens}
-    return Roofline(gflops=max(by.values()), by_tokens=by, threads=a.threads)
+def spread(measured: list[tuple[str, Roofline]]) -> Roofline:
+    """The best rate per token count over measurements taken at different times of one run, with each one's rate."""
+    first = measured[0][1]
+    by = {t: max(r.by_tokens[t] for _, r in measured) for t in first.by_tokens}
+    return Roofline(gflops=max(by.values()), by_tokens=by, threads=first.threads,
+                    runs=tuple((when, r.gflops) for when, r in measured))
 
 
 def measure(ckpt: Checkpoint, threads: int, token_counts=(256, 1024, 4096), seconds: float = 1.5) -> Roofline:

@@ -28,7 +28,16 @@ def pin_threads(n: int) -> None:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's own peak resident memory. Linux's ru_maxrss is inherited across fork and exec, so a worker
+    started by a bench.py that had run the ONNX export (torch, 1.8 GB) would report that peak for every engine;
+    VmHWM in /proc/self/status belongs to this process's address space alone."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: KiB (Linux), bytes (macOS)
 
 
 def timed_repeats(fn, repeats: int, budget_s: float) -> list[float]:

@@ -339,6 +339,7 @@ def info_dict(model) -> dict:
         "worker_threads": model.threads,
         "blas_threads": _blas_threads(),
         "numba_cache": _numba_cache_dir(),
+        "plan": model.plan.describe(),
     }
 
 
@@ -357,13 +358,55 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("pooling", info["pooling"]),
         ("layers", f"{info['layers']} ({info['heads']} heads, vocab {info['vocab_size']:,})"),
         ("threads", f"{info['worker_threads']} workers, one per core, each single-threaded "
-                    "(set BGESMALL_NUM_THREADS to change); a query made alone shares its matmuls among them"),
+                    "(set BGESMALL_NUM_THREADS to change); a query made alone "
+                    + ("shares its matmuls among them" if model.plan.query == "split" and model.threads > 1
+                       else "runs on one (the plan's choice)")),
         ("BLAS threads", f"{info['blas_threads']} (held at 1 while bgesmall runs batches)"),
         ("numba cache", info["numba_cache"]),
     ]
+    rows += [("plan" if i == 0 else "", line) for i, line in enumerate(info["plan"])]
     for key, value in rows:
-        print(f"{key + ':':<15}{value}")
+        print(f"{key + ':' if key else '':<15}{value}")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import bgesmall
+
+    from .plan import ENV_PLAN, fingerprint, plan_path
+    from .tune import plan_for
+
+    model = bgesmall.load(args.model, plan="default")  # the weights, without measuring twice
+    plan = plan_for(model.config, model.weights, model.threads, remeasure=True)
+    print(f"model: {model.name}, {model.threads} threads, CPU: {fingerprint(model.config, model.threads)['cpu']}")
+    print("best time of each candidate (ms), candidates taking turns; * the one chosen:")
+    for decision, times in plan.timings.items():
+        chosen = _chosen(plan, decision, times)
+        cells = "  ".join(f"{'*' if name == chosen else ' '}{name} {t * 1e3:.3f}" for name, t in times.items())
+        print(f"  {decision:<42}{cells}")
+    print("plan:")
+    for line in plan.describe():
+        print(f"  {line}")
+    path = plan_path(fingerprint(model.config, model.threads))
+    print(f"kept in {path}" if path.is_file() else "not kept (see the message above): used by this process only")
+    if os.environ.get(ENV_PLAN):
+        print(f"note: {ENV_PLAN}={os.environ[ENV_PLAN]} is set, so loads use that instead; unset it to use this plan")
+    return 0
+
+
+def _chosen(plan, decision: str, times: dict) -> str | None:
+    """Which candidate of one measured decision the plan took (for marking it in `bgesmall tune`)."""
+    if decision.startswith("linear "):
+        key, rows = decision.split()[1], int(decision.split()[3])
+        choices = plan.linear.get(key, ())
+        return next((name for lo, name in reversed(choices) if rows >= lo), None)
+    if decision.startswith("attention at "):
+        return "blas" if int(decision.split()[2]) >= plan.long_sequence else "fused"
+    if decision.startswith("batch tokens"):
+        return str(plan.batch_tokens)
+    if decision.startswith("query"):
+        return plan.query
+    return None
 
 
 def _human(n: float) -> str:
@@ -464,6 +507,14 @@ Prints the cosine similarity of the two embeddings (a number in [-1, 1]).""",
     "info": """examples:
   bgesmall info
   bgesmall info --model path/to/model --json""",
+    "tune": """examples:
+  bgesmall tune
+  bgesmall tune --model path/to/model
+
+Times bgesmall's candidate kernels on this machine (the model's own shapes and weights, at most about 3 s),
+prints each candidate's best time and the plan chosen, and keeps it beside numba's cache, where every later
+load finds it. A model's first load on a machine does the same by itself. BGESMALL_PLAN forces choices
+instead (e.g. BGESMALL_PLAN=default, or linear=blas,query=single; see `bgesmall info` for the plan in use).""",
     "download": """examples:
   bgesmall download                                 # to weights/bge-small-en-v1.5 in a checkout, else ~/.cache/bgesmall
   bgesmall download --to /data/bge-small-en-v1.5
@@ -523,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info, subparser=p)
+
+    p = sub.add_parser("tune", help="measure and keep the fastest kernels for this machine", epilog=EPILOGS["tune"],
+                       description="Measure bgesmall's candidate kernels on this CPU and keep the fastest plan.")
+    _add_model(p)
+    p.set_defaults(func=cmd_tune, subparser=p)
 
     from . import download
 

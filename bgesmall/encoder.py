@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import BertConfig
-from .kernels import attention, bias_gelu, embed_layernorm, linear, linear_split, residual_layernorm, softmax_rows
+from .kernels import attention, bias_gelu, embed_layernorm, residual_layernorm, softmax_rows
 from .weights import BertWeights, LayerWeights
 
 
@@ -55,10 +55,10 @@ def embeddings(cfg: BertConfig, w: BertWeights, ids: np.ndarray, positions: np.n
     embed_layernorm(ids, positions, e.word, e.position, e.token_type[0], e.ln_gamma, e.ln_beta, cfg.layer_norm_eps, out)
 
 
-# From this length on, a sequence's attention runs as two BLAS GEMMs per head around the numba softmax; shorter
-# ones (queries, short sentences) take the fused numba kernel. Measured on one thread (benchmarks/opprofile.py):
-# the GEMM path is about 2x the fused kernel's rate at 64-512 tokens and still ahead at 16, while for a
-# 9-token query the fused kernel wins (8.8 vs 9.5 ms), numpy's per-call overhead dominating there.
+# From this length on (the plan's `long_sequence`, measured per machine: bgesmall/tune.py), a sequence's attention
+# runs as two BLAS GEMMs per head around the numba softmax; shorter ones (queries, short sentences) take the fused
+# numba kernel. On AMD Zen 4, one thread: the GEMM path is about 2x the fused kernel's rate at 64-512 tokens and
+# still ahead at 16, while for a 9-token query the fused kernel wins, numpy's per-call overhead dominating there.
 LONG_SEQUENCE = 16
 
 
@@ -69,12 +69,12 @@ class Sequences:
     offsets: np.ndarray  # [sequences + 1] int64
     short_starts: np.ndarray  # [short sequences] int64
     short_lengths: np.ndarray  # [short sequences] int64
-    long_spans: tuple[tuple[int, int], ...]  # (start, end) of each sequence of LONG_SEQUENCE tokens or more
+    long_spans: tuple[tuple[int, int], ...]  # (start, end) of each sequence of `long_sequence` tokens or more
 
     @classmethod
-    def from_offsets(cls, offsets: np.ndarray) -> "Sequences":
+    def from_offsets(cls, offsets: np.ndarray, long_sequence: int = LONG_SEQUENCE) -> "Sequences":
         starts, lengths = offsets[:-1], np.diff(offsets)
-        short = lengths < LONG_SEQUENCE
+        short = lengths < long_sequence
         spans = tuple((int(s), int(s + n)) for s, n in zip(starts[~short], lengths[~short]))
         return cls(offsets, np.ascontiguousarray(starts[short]), np.ascontiguousarray(lengths[short]), spans)
 
@@ -99,18 +99,9 @@ def self_attention(
         out[start : start + m].reshape(m, heads, d).transpose(1, 0, 2)[...] = np.matmul(scores, v)  # [heads, m, d]
 
 
-def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray, parts: int) -> None:
-    # x [rows, in] @ W [in, out] (packed, see kernels/matmul.py) -> out [rows, out];
-    # parts > 1: W's columns shared by that many threads (one small pass: bgesmall/threads.py, split_pass)
-    if parts > 1:
-        linear_split(x, w, out, parts)
-    else:
-        linear(x, w, out)
-
-
 def encoder_layer(cfg: BertConfig, lw: LayerWeights, seqs: Sequences, ws: Workspace, parts: int = 1) -> None:
     # ws.x [tokens, hidden] -> ws.x [tokens, hidden], in place
-    matmul(ws.x, lw.qkv_w, ws.qkv, parts)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
+    lw.qkv_w(ws.x, ws.qkv, parts)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
     self_attention(cfg, ws.qkv, lw.qkv_b, seqs, ws.ctx)  # -> [tokens, hidden]
     after_attention(cfg, lw, ws, parts)
 
@@ -119,11 +110,11 @@ def after_attention(cfg: BertConfig, lw: LayerWeights, ws: Workspace, parts: int
     # ws.ctx [rows, hidden] (attention output), ws.x [rows, hidden] (layer input) -> ws.x [rows, hidden], in place.
     # Every step from here on works row by row, so it may run on any subset of the token rows.
     eps = cfg.layer_norm_eps
-    matmul(ws.ctx, lw.attn_out_w, ws.proj, parts)  # [rows, hidden] @ [hidden, hidden]
+    lw.attn_out_w(ws.ctx, ws.proj, parts)  # [rows, hidden] @ [hidden, hidden]
     residual_layernorm(ws.proj, lw.attn_out_b, ws.x, lw.attn_ln_gamma, lw.attn_ln_beta, eps, ws.x)
-    matmul(ws.x, lw.ffn_in_w, ws.ffn, parts)  # [rows, hidden] @ [hidden, ffn] -> [rows, ffn]
+    lw.ffn_in_w(ws.x, ws.ffn, parts)  # [rows, hidden] @ [hidden, ffn] -> [rows, ffn]
     bias_gelu(ws.ffn, lw.ffn_in_b)  # [rows, ffn], in place
-    matmul(ws.ffn, lw.ffn_out_w, ws.proj, parts)  # [rows, ffn] @ [ffn, hidden] -> [rows, hidden]
+    lw.ffn_out_w(ws.ffn, ws.proj, parts)  # [rows, ffn] @ [ffn, hidden] -> [rows, hidden]
     residual_layernorm(ws.proj, lw.ffn_out_b, ws.x, lw.ffn_ln_gamma, lw.ffn_ln_beta, eps, ws.x)
 
 
@@ -132,7 +123,7 @@ def last_layer_first_tokens(cfg: BertConfig, lw: LayerWeights, seqs: Sequences, 
     # CLS pooling reads nothing else, and past attention every step works row by row, so the output projection
     # and FFN of the other rows (5/6 of the layer's matmul work at 9 of every 12 of its FLOPs) are skipped.
     # Keys and values are still needed for every token.
-    matmul(ws.x, lw.qkv_w, ws.qkv, parts)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
+    lw.qkv_w(ws.x, ws.qkv, parts)  # [tokens, hidden] @ [hidden, 3 hidden] -> [tokens, 3 hidden]
     self_attention(cfg, ws.qkv, lw.qkv_b, seqs, ws.ctx, first_only=True)  # -> ws.ctx[first rows]
     first = seqs.offsets[:-1]
     n = first.shape[0]
@@ -143,15 +134,18 @@ def last_layer_first_tokens(cfg: BertConfig, lw: LayerWeights, seqs: Sequences, 
 
 
 def encode(
-    cfg: BertConfig, w: BertWeights, ids: np.ndarray, offsets: np.ndarray, ws: Workspace, pooling: str, parts: int = 1
+    cfg: BertConfig, w: BertWeights, ids: np.ndarray, offsets: np.ndarray, ws: Workspace, pooling: str, parts: int = 1,
+    long_sequence: int = LONG_SEQUENCE,
 ) -> np.ndarray:
     # ids [tokens] int32 (sequences packed back to back), offsets [sequences + 1] int64
-    # -> pooled final hidden states [sequences, hidden], not normalized; parts: threads sharing each matmul
+    # -> pooled final hidden states [sequences, hidden], not normalized; parts: threads sharing each matmul;
+    # long_sequence: the attention path's threshold (the plan's). The linear layers run as their weights were
+    # prepared for the plan (bgesmall/linear.py).
     tokens = ids.shape[0]
     ws = ws.views(tokens)
     positions = (np.arange(tokens, dtype=np.int64) - np.repeat(offsets[:-1], np.diff(offsets))).astype(np.int32)
     embeddings(cfg, w, ids, positions, ws.x)
-    seqs = Sequences.from_offsets(offsets)
+    seqs = Sequences.from_offsets(offsets, long_sequence)
     for lw in w.layers[:-1]:
         encoder_layer(cfg, lw, seqs, ws, parts)
     if pooling == "cls":

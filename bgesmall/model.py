@@ -14,16 +14,14 @@ from . import encoder
 from .batching import token_budget_batches
 from .config import BertConfig, EmbedderConfig, read_bert_config
 from .progress import Progress
+from .plan import Plan, default_plan
 from .threads import blas, default_workers, engine_pass, run_small_pass, single_threaded_blas
 from .tokenizer import Tokenizer, check_texts
+from .tune import plan_for
 from .weights import BertWeights, load_weights
 
 QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 
-# Tokens per forward pass. Large enough that every linear layer is an efficient matrix product, small
-# enough that a worker's activations (about 15 KB per token for bge-small) stay near 15 MB and that work
-# spreads evenly over the workers.
-DEFAULT_BATCH_TOKENS = 1024
 # Below this many tokens in one call, one worker does it all: handing off costs more than it saves.
 MIN_TOKENS_TO_SPLIT = 64
 
@@ -57,7 +55,13 @@ class Model:
     """A loaded BERT embedding model. Thread-safe; batches run on `threads` worker threads, one per core."""
 
     def __init__(
-        self, files: ModelFiles, config: BertConfig, embedder: EmbedderConfig, weights: BertWeights, threads: int
+        self,
+        files: ModelFiles,
+        config: BertConfig,
+        embedder: EmbedderConfig,
+        weights: BertWeights,
+        threads: int,
+        plan: Plan | None = None,
     ):
         self.path = files.folder
         self.config = config
@@ -66,6 +70,9 @@ class Model:
         self.tokenizer = Tokenizer(files.tokenizer, embedder.max_seq_length, config.vocab_size)
         # Data-parallel workers need BLAS held at one thread; where that is impossible, one worker.
         self.threads = threads if blas().controllable else 1
+        # which kernels run, measured for this machine (bgesmall/plan.py); the weights take the formats it reads
+        self.plan = plan if plan is not None else default_plan(config)
+        weights.prepare(self.plan)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()  # each thread's own Workspace
@@ -171,13 +178,14 @@ class Model:
         out = np.empty((len(seqs), self.dim), dtype=np.float32)
         lengths = [len(s) for s in seqs]
         total = sum(lengths)
-        budget = DEFAULT_BATCH_TOKENS
+        budget = self.plan.batch_tokens
         if total >= MIN_TOKENS_TO_SPLIT:  # at least one batch per worker
             budget = min(budget, max(MIN_TOKENS_TO_SPLIT, -(-total // self.threads)))
         batches = list(token_budget_batches(lengths, budget))
         if len(batches) == 1:  # one small pass (a query): its products may be shared by the cores
             with single_threaded_blas():
-                out[:] = run_small_pass(self.threads, lambda parts: self._forward(seqs, parts))
+                split = self.threads if self.plan.query == "split" else 1
+                out[:] = run_small_pass(split, lambda parts: self._forward(seqs, parts))
         else:  # data-parallel: each worker takes whole batches, single-threaded
             with single_threaded_blas(), engine_pass():
                 if self.threads == 1:
@@ -205,7 +213,7 @@ class Model:
         ws = getattr(self._local, "workspace", None)
         if ws is None or ws.capacity < ids.shape[0]:
             ws = self._local.workspace = encoder.Workspace.allocate(self.config, max(ids.shape[0], 128))
-        return encoder.encode(self.config, self.weights, ids, offsets, ws, self.pooling, parts)
+        return encoder.encode(self.config, self.weights, ids, offsets, ws, self.pooling, parts, self.plan.long_sequence)
 
     # -- conveniences -----------------------------------------------------------------------------------
 
@@ -260,10 +268,13 @@ class Model:
         return out[0] if single else out
 
 
-def load(path=None, *, threads: int | None = None) -> Model:
+def load(path=None, *, threads: int | None = None, plan=None) -> Model:
     """Load a model folder (Hugging Face layout). With no path, find the BGE-small weights (see bgesmall.locate).
 
     threads: worker threads (default: the cores this process may use, or $BGESMALL_NUM_THREADS).
+    plan: which kernels run (bgesmall/plan.py). Default: $BGESMALL_PLAN if set, else the plan measured for this
+    machine (about a second, on the first load only; kept beside numba's cache). A string forces choices, e.g.
+    "default" (the built-in plan) or "linear=blas,query=single"; a bgesmall.plan.Plan is used as it is.
     """
     if path is None:
         from .locate import find_model_dir
@@ -277,4 +288,6 @@ def load(path=None, *, threads: int | None = None) -> Model:
     config = read_bert_config(files.folder)
     embedder = EmbedderConfig.from_folder(files.folder, config)
     weights = load_weights(files.weights, config)
-    return Model(files, config, embedder, weights, threads)
+    if not blas().controllable:
+        threads = 1  # as Model does: data-parallel workers need BLAS held at one thread
+    return Model(files, config, embedder, weights, threads, plan_for(config, weights, threads, plan))

@@ -173,6 +173,15 @@ def run_small_pass(threads: int, forward):
         return executor.submit(_split_forward, forward, threads).result()
 
 
+def on_split_thread(fn, threads: int):
+    """fn(parts) on the split thread, its team sized as for a query (for the planner, bgesmall/tune.py); None
+    where queries cannot split (one thread, or no usable threading layer)."""
+    executor = _split_executor() if threads > 1 else None
+    if executor is None:
+        return None
+    return executor.submit(_split_forward, fn, threads).result()
+
+
 def _split_forward(forward, threads: int):
     import numba
 

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import safe_open
 
 from .config import BertConfig, ModelLoadError
-from .kernels.matmul import pack_columns
+from .linear import Linear
 
 F32 = np.float32
 
@@ -35,24 +35,34 @@ class EmbeddingWeights:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    qkv_w: np.ndarray  # W [hidden, 3 * hidden] packed as [3 * hidden / 32, hidden, 32]; query | key | value
+    qkv_w: Linear  # W [hidden, 3 * hidden], query | key | value side by side
     qkv_b: np.ndarray  # [3 * hidden]
-    attn_out_w: np.ndarray  # W [hidden, hidden] packed as [hidden / 32, hidden, 32]
+    attn_out_w: Linear  # W [hidden, hidden]
     attn_out_b: np.ndarray  # [hidden]
     attn_ln_gamma: np.ndarray  # [hidden]
     attn_ln_beta: np.ndarray  # [hidden]
-    ffn_in_w: np.ndarray  # W [hidden, ffn] packed as [ffn / 32, hidden, 32]
+    ffn_in_w: Linear  # W [hidden, ffn]
     ffn_in_b: np.ndarray  # [ffn]
-    ffn_out_w: np.ndarray  # W [ffn, hidden] packed as [hidden / 32, ffn, 32]
+    ffn_out_w: Linear  # W [ffn, hidden]
     ffn_out_b: np.ndarray  # [hidden]
     ffn_ln_gamma: np.ndarray  # [hidden]
     ffn_ln_beta: np.ndarray  # [hidden]
+
+
+    def linears(self) -> tuple[Linear, ...]:
+        return self.qkv_w, self.attn_out_w, self.ffn_in_w, self.ffn_out_w
 
 
 @dataclass(frozen=True)
 class BertWeights:
     embeddings: EmbeddingWeights
     layers: tuple[LayerWeights, ...]
+
+    def prepare(self, plan) -> None:
+        """Give every linear layer the plan's implementations (and the weight formats they read)."""
+        for layer in self.layers:
+            for lin in layer.linears():
+                lin.prepare(plan.linear_choices(lin.shape))
 
 
 def expected_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
@@ -239,9 +249,9 @@ def _physical_memory() -> int | None:
         return None
 
 
-def _linear(w: np.ndarray) -> np.ndarray:
-    """PyTorch's [out, in] -> W [in, out] packed as [ceil(out / 32), in, 32] (panels rounded up, zero-padded)."""
-    return pack_columns(w.T)
+def _linear(w: np.ndarray) -> Linear:
+    """PyTorch's [out, in] -> W [in, out], packed into 32-column panels (kernels/matmul.py)."""
+    return Linear.from_torch(w)
 
 
 def load_weights(path: Path, cfg: BertConfig) -> BertWeights:

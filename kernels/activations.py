@@ -7,7 +7,7 @@ float32 arithmetic, so a row loop compiles to AVX-512 code. Accuracy is checked 
 
 import numpy as np
 
-from .jit import kernel, leaf
+from .jit import inner, kernel, leaf
 
 # erf(x) = x * P(x^2) / Q(x^2) on [-4, 4] (clamped beyond: |erf(4)| = 1 - 1.5e-8): the rational
 # approximation of Eigen's `generic_fast_erf_float` / XLA, a few float32 ulp from exact.
@@ -23,8 +23,8 @@ _B8, _B6, _B4, _B2, _B0 = (
 _INV_SQRT2 = 0.7071067811865476
 
 
-@leaf("f4(f4)")
-def erf(x):  # scalar -> scalar
+@leaf()
+def erf(x):  # f4 -> f4
     x = min(max(x, np.float32(-4.0)), np.float32(4.0))
     x2 = x * x
     p = np.float32(_A13)
@@ -42,8 +42,8 @@ def erf(x):  # scalar -> scalar
     return x * p / q
 
 
-@leaf("f4(f4)")
-def gelu(x):  # scalar -> scalar; exact GELU x * Phi(x), as BERT's "gelu" (not the tanh "gelu_new")
+@leaf()
+def gelu(x):  # f4 -> f4; exact GELU x * Phi(x), as BERT's "gelu" (not the tanh "gelu_new")
     return np.float32(0.5) * x * (np.float32(1.0) + erf(x * np.float32(_INV_SQRT2)))
 
 
@@ -63,8 +63,8 @@ _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
 _P5, _P4, _P3, _P2, _P1, _P0 = 1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1
 
 
-@kernel("void(f4[::1], i4[::1])", fastmath={"contract"})
-def exp_nonpositive(x, bits):  # [n] (all <= 0), [n] scratch -> x = exp(x) in place
+@inner(fastmath={"contract"})
+def exp_nonpositive(x, bits):  # f4 [n] (all <= 0), i4 [n] scratch -> x = exp(x) in place
     n = x.shape[0]
     scale = bits[:n].view(np.float32)
     for j in range(n):

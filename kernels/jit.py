@@ -1,9 +1,9 @@
 """The one decorator policy for every kernel in this package (see `__init__.py`)."""
 
+import threading
 import warnings
 
 import numba
-from numba.core import typeinfer
 from numba.core.caching import FunctionCache, NullCache
 
 # Pure arithmetic leaves may reassociate and contract (FMA); nothing here assumes no NaN or no inf.
@@ -13,49 +13,107 @@ ARITH_FLAGS = {"contract", "reassoc", "arcp", "afn"}
 def kernel(signature, *, fastmath=False):
     # error_model="numpy": a float division by zero gives inf as in C, instead of Python's ZeroDivisionError,
     # whose check on every division keeps LLVM from vectorizing a loop that divides.
-    return _cached_njit(signature, nogil=True, fastmath=fastmath, error_model="numpy")
-
-
-def leaf(signature):
-    """A small pure-arithmetic helper (a polynomial, a dot product) called from kernels, where fastmath is safe.
-
-    Its flags travel with its instructions when LLVM inlines it; a numba-level inline would drop them."""
-    return _cached_njit(signature, nogil=True, fastmath=ARITH_FLAGS, error_model="numpy")
-
-
-def helper():
-    """A function called only from kernels, compiled for the types its caller passes (vector values among them).
-
-    No signature and no cache of its own: its code is compiled into each calling kernel, whose cache holds it."""
-    return numba.njit(nogil=True, error_model="numpy")
-
-
-def parallel_kernel():
-    """The one kernel that forks and joins threads (numba's threading layer): see bgesmall/threads.py, split_pass.
-
-    No signature: compiled (or loaded from the cache) at its first call, not at import, because loading a parallel
-    kernel starts the threading layer (GNU OpenMP), and a process that forks must not have it running. Its only
-    caller (the encoder) passes float32 C-contiguous arrays, so it compiles for those types alone."""
-    return _cached_njit(None, nogil=True, parallel=True, error_model="numpy")
-
-
-def _cached_njit(signature, **options):
-    """numba.njit(signature, cache=True, **options), except that the on-disk cache can only speed a start up:
-    a cache that cannot be found, read or written (read-only install and home, an unwritable NUMBA_CACHE_DIR,
-    a full disk, a corrupt or truncated file) means compiling in memory, with one warning per process."""
-
     def decorate(fn):
-        disp = numba.njit(**options)(fn)  # no signature yet: nothing is compiled before the cache is in place
-        if not isinstance(disp, numba.core.dispatcher.Dispatcher):  # NUMBA_DISABLE_JIT: the plain function
-            return disp
-        disp._cache = _GuardedCache.for_function(fn)  # what Dispatcher.enable_caching() sets, made safe
-        if signature is not None:  # as numba.njit(signature) does: compile now, then refuse other types
-            with typeinfer.register_dispatcher(disp):
-                disp.compile(signature)
-            disp.disable_compile()
+        disp = cached_njit(fn, nogil=True, fastmath=fastmath, error_model="numpy")
+        compile_from_cache(disp, signature)
         return disp
 
     return decorate
+
+
+def compile_from_cache(disp, signature) -> None:
+    """disp.compile(signature) and no other signature after it, as numba.njit(signature) does, except that a
+    kernel found in numba's cache is loaded without first "refreshing" numba's target context.
+
+    That refresh imports every typing and lowering registry numba has (its random, datetime and cffi support
+    among them): 0.3-0.6 s, most of a warm start, and nothing a cached kernel needs, since its machine code is
+    complete. On a cache miss the compiler refreshes by itself (numba/core/compiler.py). Where numba's cache
+    internals are not as expected, this is plain numba.njit(signature)."""
+    from numba.core import typeinfer
+
+    cache = getattr(disp, "_cache", None)
+    load = getattr(cache, "_load_overload", None)
+    guard = getattr(cache, "_guard_against_spurious_io_errors", None)
+    if load is not None and guard is not None and callable(getattr(cache, "load_overload", None)):
+        def load_overload(sig, target_context):
+            from numba.core.runtime import rtsys
+
+            rtsys.initialize(target_context)  # the one part of the refresh that loaded code needs: NRT's symbols
+            try:
+                with guard():
+                    return load(sig, target_context)
+            except Exception as exc:  # a corrupt or unreadable cache file: compile instead (see _GuardedCache)
+                _warn_once(exc)
+            return None  # the guard swallowed an I/O error: compile instead
+
+        cache.load_overload = load_overload  # this dispatcher's cache only; removed again below
+    try:
+        with typeinfer.register_dispatcher(disp):
+            disp.compile(signature)
+    finally:
+        cache.__dict__.pop("load_overload", None)
+    disp.disable_compile()
+
+
+def inner(*, fastmath=False):
+    """A function called only from kernels (a polynomial, one row's LayerNorm, a tile), compiled into each kernel
+    that calls it for the types it passes, vector values among them.
+
+    No signature and no cache of its own: its code is in each calling kernel's cache, so nothing is loaded for it
+    when bgesmall starts (each cached function costs a start about 10 ms). Called from Python, as the tests do,
+    it compiles for the arguments given. Its fastmath flags travel with its instructions when LLVM inlines it."""
+    return numba.njit(nogil=True, fastmath=fastmath, error_model="numpy")
+
+
+def leaf():
+    """A small pure-arithmetic helper (a polynomial), where fastmath is safe: `inner` with ARITH_FLAGS."""
+    return inner(fastmath=ARITH_FLAGS)
+
+
+def helper():
+    """`inner` without fastmath: the matmul tiles, whose sums must run in order."""
+    return inner()
+
+
+def parallel_kernel(signature):
+    """The one kernel that forks and joins threads (numba's threading layer): see bgesmall/threads.py, split_pass.
+
+    Compiled (or loaded from the cache) at its first call, not at import, because loading a parallel kernel
+    starts the threading layer (GNU OpenMP), and a process that forks must not have it running."""
+
+    def decorate(fn):
+        return _FirstCallKernel(fn, signature)
+
+    return decorate
+
+
+class _FirstCallKernel:
+    def __init__(self, fn, signature):
+        self.py_func, self.signature = fn, signature
+        self.__name__, self.__doc__ = fn.__name__, fn.__doc__
+        self._disp = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *args):
+        disp = self._disp
+        if disp is None:
+            with self._lock:
+                if self._disp is None:
+                    d = cached_njit(self.py_func, nogil=True, parallel=True, error_model="numpy")
+                    compile_from_cache(d, self.signature)
+                    self._disp = d
+                disp = self._disp
+        return disp(*args)
+
+
+def cached_njit(fn, **options):
+    """numba.njit(cache=True, **options)(fn), except that the on-disk cache can only speed a start up: a cache
+    that cannot be found, read or written (read-only install and home, an unwritable NUMBA_CACHE_DIR, a full
+    disk, a corrupt or truncated file) means compiling in memory, with one warning per process."""
+    disp = numba.njit(**options)(fn)
+    if isinstance(disp, numba.core.dispatcher.Dispatcher):  # not NUMBA_DISABLE_JIT's plain function
+        disp._cache = _GuardedCache.for_function(fn)  # what Dispatcher.enable_caching() sets, made safe
+    return disp
 
 
 class _GuardedCache(FunctionCache):

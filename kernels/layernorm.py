@@ -8,11 +8,11 @@ not matter at float32 precision.
 
 import numpy as np
 
-from .jit import kernel
+from .jit import inner, kernel
 
 
-@kernel("void(f4[:, ::1], i8, f4[::1], f4[::1], f8)", fastmath={"contract", "reassoc"})
-def normalize_row(x, t, gamma, beta, eps):  # [tokens, hidden], row t -> x[t] = LayerNorm(x[t]), in place
+@inner(fastmath={"contract", "reassoc"})
+def normalize_row(x, t, gamma, beta, eps):  # f4 [tokens, hidden], row t -> x[t] = LayerNorm(x[t]), in place
     n = x.shape[1]
     total = 0.0
     for j in range(n):

@@ -36,12 +36,17 @@ WIDE_REGISTERS = has_avx512()
 
 
 def pack_columns(w: np.ndarray) -> np.ndarray:
-    """[k, n] -> [ceil(n / 32), k, 32], C-contiguous; columns past n are zero."""
+    """[k, n] -> [ceil(n / 32), k, 32], C-contiguous; columns past n are zero.
+
+    Works from w's transpose [n, k], which is how PyTorch stores a linear weight ([out, in]): for the loader's
+    `pack_columns(weight.T)` that is the file's own layout, and each panel is one transposed block of 32 rows
+    (5x faster than transposing the whole matrix first)."""
     k, n = w.shape
     panels = -(-n // PANEL)
-    padded = np.zeros((k, panels * PANEL), dtype=np.float32)
-    padded[:, :n] = w
-    return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
+    rows = np.ascontiguousarray(w.T, dtype=np.float32)  # [n, k]
+    if n % PANEL:
+        rows = np.concatenate([rows, np.zeros((panels * PANEL - n, k), dtype=np.float32)])
+    return np.ascontiguousarray(rows.reshape(panels, PANEL, k).transpose(0, 2, 1))
 
 
 def unpack_columns(w: np.ndarray, n: int) -> np.ndarray:
@@ -158,12 +163,26 @@ def _tile6(x, panel, out, i, rows, j, h, cols):
 
 
 @helper()
-def _panel_wide(x, panel, out, j, cols):
-    # AVX-512 (32 registers): out[:, j:j + cols] = x [m, k] @ panel [k, 32]
-    m = x.shape[0]
-    i = 0
-    while i < m:  # 8 rows at a time; the last 1..7 take the cheapest tile that covers them
-        rest = m - i
+def _tile2(x, panel, out, i, rows, j, cols):
+    # For AVX2: out[i:i + rows, j:j + cols] = x[i:i + rows] @ panel, rows 1..2 over the whole panel: four
+    # accumulators of two 8-lane registers, so a query's last rows are not computed six times over
+    last = i + rows - 1
+    r0, r1 = i, min(i + 1, last)
+    a0 = b0 = a1 = b1 = zeros16()
+    for t in range(x.shape[1]):
+        lo, hi = load16(panel, t * PANEL), load16(panel, t * PANEL + 16)
+        s0, s1 = splat16(x[r0, t]), splat16(x[r1, t])
+        a0, b0, a1, b1 = fma16(s0, lo, a0), fma16(s0, hi, b0), fma16(s1, lo, a1), fma16(s1, hi, b1)
+    _store(out, r0, j, cols, a0, b0)
+    _store(out, r1, j, cols, a1, b1)
+
+
+@helper()
+def _panel_wide(x, panel, out, first, end, j, cols):
+    # AVX-512 (32 registers): out[first:end, j:j + cols] = x[first:end] @ panel [k, 32]
+    i = first
+    while i < end:  # 8 rows at a time; the last 1..7 take the cheapest tile that covers them
+        rest = end - i
         if rest >= 5:
             _tile8(x, panel, out, i, min(8, rest), j, cols)
             i += 8
@@ -176,11 +195,16 @@ def _panel_wide(x, panel, out, j, cols):
 
 
 @helper()
-def _panel_narrow(x, panel, out, j, cols):
-    # AVX2 (16 registers): the same with a 6 x 16 tile, over each half of the panel in turn
+def _panel_narrow(x, panel, out, first, end, j, cols):
+    # AVX2 (16 registers): the same with a 6 x 16 tile over each half of the panel in turn; a remainder of 1..3 rows
+    # takes 2-row tiles over the whole panel instead (a 6-row tile would compute its last row up to six times)
+    rest = (end - first) % 6
+    full = end - rest if rest < 4 else end  # 4 or 5 left over: one short 6-row tile
     for h in range(0, cols, 16):
-        for i in range(0, x.shape[0], 6):
-            _tile6(x, panel, out, i, min(6, x.shape[0] - i), j, h, cols)
+        for i in range(first, full, 6):
+            _tile6(x, panel, out, i, min(6, full - i), j, h, cols)
+    for i in range(full, end, 2):
+        _tile2(x, panel, out, i, min(2, end - i), j, cols)
 
 
 _panel = _panel_wide if WIDE_REGISTERS else _panel_narrow  # frozen into the kernels below when they compile
@@ -195,27 +219,32 @@ def _check_shapes(x, w, out, start, stop):
         raise ValueError("linear: w is not [panels, k, 32], or the panel range is outside it")
 
 
-@kernel("void(f4[:, ::1], f4[:, :, ::1], f4[:, ::1], i8, i8)")
-def linear_panels(x, w, out, start, stop):
+@kernel("void(f4[:, ::1], f4[:, :, ::1], f4[:, ::1], i8, i8, i8)")
+def linear_panels(x, w, out, start, stop, block):
     # x [m, k] @ W [k, n] -> out [m, n] in the columns of panels start..stop - 1 only (32 each; the rest untouched),
     # W packed as w [ceil(n / 32), k, 32]. Two threads may fill disjoint panel ranges of one output.
+    # block > 0: rows in blocks of that many, each block through every panel before the next (its rows stay in
+    # L2 while the panels stream by); 0: all rows through each panel in turn (each panel stays in L2 while the
+    # rows stream by). The same FMAs in the same order either way: the result is bit-identical.
     _check_shapes(x, w, out, start, stop)
-    n = out.shape[1]
-    for p in range(start, stop):
-        _panel(x, w[p], out, p * PANEL, min(PANEL, n - p * PANEL))
+    m, n = x.shape[0], out.shape[1]
+    step = block if block > 0 else max(m, 1)
+    for first in range(0, m, step):
+        end = min(m, first + step)
+        for p in range(start, stop):
+            _panel(x, w[p], out, first, end, p * PANEL, min(PANEL, n - p * PANEL))
 
 
-@kernel("void(f4[:, ::1], f4[:, :, ::1], f4[:, ::1])")
-def linear(x, w, out):
-    # x [m, k] @ W [k, n] -> out [m, n], W packed as w [ceil(n / 32), k, 32]
-    linear_panels(x, w, out, 0, w.shape[0])
+def linear(x, w, out, block=0):
+    """x [m, k] @ W [k, n] -> out [m, n], W packed as w [ceil(n / 32), k, 32] (see linear_panels for `block`)."""
+    linear_panels(x, w, out, 0, w.shape[0], block)
 
 
-@parallel_kernel()
+@parallel_kernel("void(f4[:, ::1], f4[:, :, ::1], f4[:, ::1], i8)")
 def linear_split(x, w, out, parts):
     # as `linear`, the panels dealt to `parts` threads in contiguous runs: for one small pass (a query), whose
     # product is a stream of the whole weight matrix that one core cannot consume alone
-    _check_shapes(x, w, out, 0, w.shape[0])
     panels = w.shape[0]
+    _check_shapes(x, w, out, np.int64(0), panels)  # int64s, as linear_panels passes: one compiled check for both
     for part in numba.prange(parts):
-        linear_panels(x, w, out, part * panels // parts, (part + 1) * panels // parts)
+        linear_panels(x, w, out, part * panels // parts, (part + 1) * panels // parts, 0)

@@ -134,10 +134,14 @@ def prefetch_write(typingctx, array, index):
     return types.void(array, index), codegen
 
 
-def has_avx512() -> bool:
-    """Whether numba compiles for a CPU with AVX-512: the features its JIT targets (the host's, less AVX when
-    NUMBA_ENABLE_AVX=0, or NUMBA_CPU_FEATURES when set), read the way numba reads them."""
+def target_features() -> str:
+    """The CPU features numba's JIT compiles for: the host's, less AVX when NUMBA_ENABLE_AVX=0, or
+    NUMBA_CPU_FEATURES when set, read the way numba reads them (plain Python)."""
     from numba.core import codegen, config
 
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
-    return "+avx512f" in features.split(",")
+    return config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+
+
+def has_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 (plain Python, for choosing a tile)."""
+    return "+avx512f" in target_features().split(",")

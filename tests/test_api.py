@@ -185,7 +185,8 @@ def test_library_never_imports_heavy_frameworks(minilm_dir):
     code = (
         "import sys, bgesmall\n"
         f"m = bgesmall.load({str(minilm_dir)!r}); m.embed(['hi'])\n"
-        "bad = [n for n in ('torch', 'transformers', 'onnxruntime', 'fastapi', 'uvicorn', 'sentence_transformers') if n in sys.modules]\n"
+        "bad = [n for n in ('torch', 'transformers', 'onnxruntime', 'fastapi', 'uvicorn', 'sentence_transformers',\n"
+        "                   'langchain', 'langchain_core', 'llama_index', 'haystack', 'chromadb') if n in sys.modules]\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

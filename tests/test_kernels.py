@@ -244,3 +244,14 @@ def test_linear_on_a_cpu_without_avx512(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
+
+
+def test_linear_kernels_refuse_mismatched_shapes():
+    w = pack_columns(rng.standard_normal((8, 40)).astype(np.float32))
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    for bad_x, bad_out in [(x, np.empty((3, 80), np.float32)), (x[:, :4].copy(), np.empty((3, 40), np.float32)),
+                           (x, np.empty((2, 40), np.float32))]:
+        with pytest.raises(ValueError, match="shapes do not match"):
+            linear(bad_x, w, bad_out)
+        with pytest.raises(ValueError, match="shapes do not match"):
+            linear_split(bad_x, w, bad_out, 2)

@@ -307,3 +307,23 @@ def test_synthetic_overrides_and_errors(tmp_path):
         synthetic.make_checkpoint(tmp_path / "x", preset="tiny", num_layers=3)
     with pytest.raises(ValueError, match="preset"):
         synthetic.make_checkpoint(tmp_path / "x", preset="huge")
+
+
+# -- every plan gives the same vectors (bgesmall/plan.py): each candidate forced, on both models ----------------
+
+PLANS = ["default", "linear=tiles", "linear=tiles/48", "linear=blas", "query=single", "long_sequence=1",
+         "long_sequence=513", "batch_tokens=64"]
+
+
+@pytest.mark.parametrize("spec", PLANS)
+@pytest.mark.parametrize("which", ["minilm", "bge"])
+def test_every_plan_keeps_parity_and_batch_invariance(which, spec, minilm_model, bge_model, references):
+    model = minilm_model if which == "minilm" else bge_model
+    texts, want = (MINILM["texts"], references["minilm"]["embeddings"]) if which == "minilm" else (
+        BGE["texts"], references["bge"]["text_embeddings"])
+    forced = bgesmall.load(model.path, plan=spec)
+    assert forced.plan.source == ("default" if spec == "default" else f"forced ({spec})")
+    batch = forced.embed(texts)
+    assert_parity(batch, want, texts)
+    alone = np.concatenate([forced.embed([t]) for t in texts])
+    assert_parity(batch, alone, texts, tol=BATCH_TOLERANCE)

@@ -1,0 +1,81 @@
+"""A linear layer's weight in the formats its kernels read, and the one call that runs it: out = x @ W.
+
+Every linear layer of the encoder goes through `Linear.__call__`. Which implementation runs for a given number
+of rows is the plan's choice (bgesmall/plan.py), fixed when the model is loaded (`Linear.prepare`):
+
+    tiles       bgesmall's register-tiled kernel over the packed panels, all rows through each panel in turn
+    tiles/48    the same kernel, rows in blocks of 48, each block through every panel (bit-identical to tiles)
+    blas        numpy's sgemm (OpenBLAS) on the plain [in, out] matrix, which is kept only where it is chosen
+
+A query split over the cores (parts > 1) always takes the tiles, each thread filling its own run of panels.
+A new weight format (bf16, AMX tiles) is one more field here and one more entry in IMPLEMENTATIONS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .kernels.matmul import linear, linear_split, pack_columns, unpack_columns
+
+
+def _tiles(lin: "Linear", x: np.ndarray, out: np.ndarray) -> None:
+    linear(x, lin.panels, out, 0)
+
+
+def _tiles_blocked(lin: "Linear", x: np.ndarray, out: np.ndarray) -> None:
+    linear(x, lin.panels, out, 48)
+
+
+def _blas(lin: "Linear", x: np.ndarray, out: np.ndarray) -> None:
+    np.matmul(x, lin.dense, out=out)
+
+
+# name -> fn(linear, x [rows, in], out [rows, out]); looked up at each call, so a test may replace one
+IMPLEMENTATIONS = {"tiles": _tiles, "tiles/48": _tiles_blocked, "blas": _blas}
+
+
+@dataclass
+class Linear:
+    """W [in, out] (PyTorch stores [out, in]) in the formats the plan's implementations read."""
+
+    panels: np.ndarray  # [ceil(out / 32), in, 32] float32: W's columns in 32-wide panels (kernels/matmul.py)
+    out_features: int
+    dense: np.ndarray | None = None  # [in, out] float32, kept only where the plan runs BLAS on this layer
+    choices: tuple[tuple[int, str], ...] = ((1, "tiles"),)  # (from this many rows on, implementation), ascending
+
+    @classmethod
+    def from_torch(cls, w: np.ndarray) -> "Linear":
+        # [out, in] -> Linear
+        return cls(pack_columns(w.T), w.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.panels.shape[1], self.out_features  # (in, out)
+
+    def prepare(self, choices: tuple[tuple[int, str], ...]) -> None:
+        """Use these (from rows, implementation) choices; keep the plain matrix only if one of them is BLAS."""
+        unknown = [name for _, name in choices if name not in IMPLEMENTATIONS]
+        if unknown:
+            raise ValueError(f"unknown linear implementation {unknown[0]!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+        self.choices = tuple(sorted(choices))
+        if any(name == "blas" for _, name in self.choices):
+            if self.dense is None:
+                self.dense = unpack_columns(self.panels, self.out_features)
+        else:
+            self.dense = None
+
+    def implementation(self, rows: int) -> str:
+        name = self.choices[0][1]
+        for lo, how in self.choices:
+            if rows >= lo:
+                name = how
+        return name
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, parts: int = 1) -> None:
+        # x [rows, in] @ W [in, out] -> out [rows, out]; parts > 1: W's panels shared by that many threads
+        if parts > 1:
+            linear_split(x, self.panels, out, parts)
+        else:
+            IMPLEMENTATIONS[self.implementation(x.shape[0])](self, x, out)

@@ -1,0 +1,229 @@
+"""The planner: time every candidate of each choice in bgesmall/plan.py on this machine and keep the fastest.
+
+Robust to a noisy, shared machine the way FFTW's planner is: candidates of one choice take turns (a burst of
+load from elsewhere falls on all of them), each is timed several times and its best time counts (noise only
+ever adds time), and a candidate replaces the built-in one only if it is faster by more than MARGIN. The whole
+measurement is held to BUDGET_S seconds; a choice not reached by then keeps the built-in value, and the plan
+says so. Everything runs on the model's own weights and shapes, on one thread, as each worker runs a batch;
+the split of a lone query is timed on the split thread with its team, as queries run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from . import encoder
+from .linear import IMPLEMENTATIONS, Linear
+from .plan import (
+    ATTENTION_LENGTHS, BATCH_TOKENS, ENV_PLAN, LINEAR, NEVER, ROW_CLASSES, Plan, default_plan, fingerprint,
+    parse_forced, read_plan, shape_key, write_plan,
+)
+from .threads import on_split_thread, single_threaded_blas
+
+BUDGET_S = 3.0
+MARGIN = 0.03  # a challenger must beat the built-in candidate by 3%: noise must not flip a choice
+
+
+def best_times(candidates: dict, repeats: int, deadline: float, warm_up: bool = True) -> dict[str, float]:
+    """name -> best of `repeats` timings of candidates[name](), the candidates taking turns; one warm-up each."""
+    for fn in candidates.values() if warm_up else ():
+        fn()
+    best = {name: float("inf") for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+        if time.perf_counter() > deadline:
+            break
+    return best
+
+
+def pick(times: dict[str, float], incumbent: str) -> str:
+    """The fastest candidate, unless it beats the incumbent by MARGIN or less."""
+    fastest = min(times, key=times.get)
+    return fastest if times[fastest] < times[incumbent] * (1 - MARGIN) else incumbent
+
+
+def measure(cfg, weights, threads: int, budget_s: float = BUDGET_S) -> Plan:
+    """A plan measured for this model on this machine, in at most about budget_s seconds (of measuring: the split
+    kernel of a query, compiled or loaded at its first use, is made ready first)."""
+    if threads > 1:
+        on_split_thread(lambda parts: None, threads)
+    t0 = time.perf_counter()
+    deadline = t0 + budget_s
+    plan = default_plan(cfg)
+    timings: dict[str, dict[str, float]] = {}
+    skipped: list[str] = []
+    rng = np.random.default_rng(0)
+    with single_threaded_blas():
+        linear = {}
+        for lin in _one_of_each_shape(weights):
+            key = shape_key(lin.shape)
+            choices = []
+            for lo, rows in ROW_CLASSES:
+                if time.perf_counter() > deadline:
+                    skipped.append(f"linear {key} {lo}+ rows")
+                    choices.append((lo, "tiles"))
+                    continue
+                times = _time_linear(lin, rows, rng, deadline)
+                timings[f"linear {key} at {rows} rows"] = times
+                choices.append((lo, pick(times, "tiles")))
+            linear[key] = _merge(choices)
+        plan = replace(plan, linear=linear)
+
+        if time.perf_counter() < deadline:
+            times = _time_attention(cfg, weights, rng, deadline)
+            timings.update({f"attention at {n} tokens": t for n, t in times.items()})
+            plan = replace(plan, long_sequence=_threshold(times))
+        else:
+            skipped.append("attention")
+
+
+        if threads > 1 and time.perf_counter() < deadline:
+            times = on_split_thread(lambda parts: best_times(
+                {"split": _query_products(weights, parts, rng), "single": _query_products(weights, 1, rng)}, 5, deadline
+            ), threads)
+            if times is None:
+                plan = replace(plan, query="single")
+                timings["query"] = {"split": float("nan"), "single": float("nan")}  # no usable threading layer
+            else:
+                timings["query (48 products of 8 rows)"] = times
+                plan = replace(plan, query=pick(times, "split"))
+        elif threads > 1:
+            skipped.append("query")
+        if time.perf_counter() < deadline:
+            times = _time_batch_tokens(cfg, weights, plan, rng, deadline)
+            timings["batch tokens (seconds per 1024 tokens)"] = times
+            plan = replace(plan, batch_tokens=int(pick(times, "1024")))
+        else:
+            skipped.append("batch tokens")
+
+    source = f"measured in {time.perf_counter() - t0:.2f} s"
+    if skipped:
+        source += f" (time limit reached: built-in choice for {', '.join(skipped)})"
+    return replace(plan, source=source, timings=timings)
+
+
+def _one_of_each_shape(weights) -> list[Linear]:
+    seen = {}
+    for lin in weights.layers[0].linears():
+        seen.setdefault(lin.shape, lin)
+    return list(seen.values())
+
+
+def _time_linear(lin: Linear, rows: int, rng, deadline: float) -> dict[str, float]:
+    # every implementation in LINEAR on x [rows, in] -> [rows, out], the weight's own values
+    probe = Linear(lin.panels, lin.out_features)
+    probe.prepare(((1, "blas"),))  # the plain matrix too, for the BLAS candidate
+    x = rng.standard_normal((rows, lin.shape[0])).astype(np.float32)
+    out = np.empty((rows, lin.out_features), dtype=np.float32)
+    names = [n for n in LINEAR if not (n == "tiles/48" and rows <= 48)]  # blocks of 48 change nothing below 49
+    candidates = {n: (lambda n=n: IMPLEMENTATIONS[n](probe, x, out)) for n in names}
+    return best_times(candidates, 7 if rows < 256 else 3, deadline)
+
+
+def _merge(choices: list[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
+    # ((1, a), (32, a), (256, b)) -> ((1, a), (256, b))
+    merged = []
+    for lo, name in choices:
+        if not merged or merged[-1][1] != name:
+            merged.append((lo, name))
+    return tuple(merged)
+
+
+def _time_attention(cfg, weights, rng, deadline: float) -> dict[int, dict[str, float]]:
+    # per length n: ~512 tokens of n-token sequences through the fused kernel and through the BLAS path
+    h = cfg.hidden_size
+    bias = weights.layers[0].qkv_b
+    out = {}
+    for n in ATTENTION_LENGTHS:
+        if n > cfg.max_position_embeddings or time.perf_counter() > deadline:
+            break
+        count = max(1, 512 // n)
+        offsets = np.arange(count + 1, dtype=np.int64) * n
+        qkv = rng.standard_normal((count * n, 3 * h)).astype(np.float32)
+        ctx = np.empty((count * n, h), dtype=np.float32)
+        fused, blas = encoder.Sequences.from_offsets(offsets, NEVER), encoder.Sequences.from_offsets(offsets, 1)
+        out[n] = best_times({"fused": lambda: encoder.self_attention(cfg, qkv, bias, fused, ctx),
+                             "blas": lambda: encoder.self_attention(cfg, qkv, bias, blas, ctx)}, 3, deadline)
+    return out
+
+
+def _threshold(times: dict[int, dict[str, float]]) -> int:
+    """The shortest measured length from which the BLAS path is faster at every longer measured length. Past
+    the longest measured, BLAS is assumed to win (the fused kernel's cost grows as the square of the length):
+    if it lost everywhere measured, the threshold is twice the longest length measured."""
+    longest = max(times)
+    threshold = 2 * longest
+    for n in sorted(times, reverse=True):
+        if times[n]["blas"] >= times[n]["fused"]:
+            break
+        threshold = n
+    return threshold
+
+
+def _time_batch_tokens(cfg, weights, plan: Plan, rng, deadline: float) -> dict[str, float]:
+    # seconds per 1024 tokens of one encoder layer (the plan's choices so far) over 64-token sequences,
+    # the pass holding 512, 1024 or 2048 tokens
+    layer = weights.layers[0]
+    for lin in layer.linears():
+        lin.prepare(plan.linear_choices(lin.shape))
+    ws = encoder.Workspace.allocate(cfg, max(BATCH_TOKENS))
+    ws.x[:] = rng.standard_normal(ws.x.shape).astype(np.float32)
+    candidates = {}
+    for tokens in BATCH_TOKENS:
+        offsets = np.arange(tokens // 64 + 1, dtype=np.int64) * 64
+        seqs = encoder.Sequences.from_offsets(offsets, plan.long_sequence)
+        view = ws.views(tokens)
+        candidates[str(tokens)] = lambda v=view, s=seqs: encoder.encoder_layer(cfg, layer, s, v)
+    times = best_times(candidates, 2, deadline, warm_up=False)  # every kernel ran already; the buffers are touched
+    return {k: t * 1024 / int(k) for k, t in times.items()}
+
+
+def _query_products(weights, parts: int, rng):
+    # the 48 linear products of an 8-token query, with weights streamed from memory as in a real pass
+    x = {}
+    outs = {}
+
+    def run():
+        for layer in weights.layers:
+            for lin in layer.linears():
+                k, n = lin.shape
+                if k not in x:
+                    x[k] = rng.standard_normal((8, k)).astype(np.float32)
+                if n not in outs:
+                    outs[n] = np.empty((8, n), dtype=np.float32)
+                lin(x[k], outs[n], parts)
+
+    return run
+
+
+def plan_for(cfg, weights, threads: int, requested=None, *, remeasure: bool = False) -> Plan:
+    """The plan a model loads with: `requested` (a Plan, or a spec as in BGESMALL_PLAN), else $BGESMALL_PLAN, else
+    the kept plan for this machine, else one measured now (and kept). remeasure: measure even if one is kept."""
+    if isinstance(requested, Plan):
+        requested.check()
+        return requested
+    if requested is not None and not isinstance(requested, str):
+        raise TypeError(f"plan must be a bgesmall.plan.Plan or a string such as 'linear=blas', got {type(requested).__name__}")
+    spec = requested if requested is not None else os.environ.get(ENV_PLAN)
+    if spec and not remeasure:
+        return parse_forced(spec, cfg)
+    fp = fingerprint(cfg, threads)
+    if not remeasure:
+        kept = read_plan(fp)
+        if kept is not None:
+            return kept
+    try:
+        plan = measure(cfg, weights, threads)
+    except Exception as e:  # noqa: BLE001 - a failed measurement must not cost the user their model
+        print(f"bgesmall: measuring the plan failed ({type(e).__name__}: {e}); using the built-in plan", file=sys.stderr)
+        return replace(default_plan(cfg), source=f"default (measuring failed: {type(e).__name__})")
+    write_plan(fp, plan)
+    return plan
