@@ -213,7 +213,7 @@ def read_header(path: Path) -> tuple[dict, int]:
         if not isinstance(info, dict):
             raise ModelLoadError(f"{where}: its header entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _ITEM_BYTES:
+        if not isinstance(dtype, str) or dtype not in _ITEM_BYTES:
             raise ModelLoadError(f"{where} has dtype {dtype!r}, which safetensors does not define")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise ModelLoadError(f"{where} has shape {shape!r}; expected a list of whole numbers")

@@ -173,6 +173,8 @@ CASES = {  # name: (spoil the folder, the file named in the message, a regex the
                                    r"intermediate.dense.bias': data_offsets .* hold \d+ bytes, but shape"),
     "unknown dtype": (edit_header(lambda h: _first(h, "LayerNorm.bias").update(dtype="Q7")), "model.safetensors",
                       r"LayerNorm.bias' has dtype 'Q7'"),
+    "dtype a list (found by fuzz_load)": (edit_header(lambda h: _first(h, "LayerNorm.bias").update(dtype=["F32"])),
+                                          "model.safetensors", r"LayerNorm.bias' has dtype \['F32'\]"),
     "negative dimension": (edit_header(lambda h: _first(h, "LayerNorm.bias").update(shape=[-32])),
                            "model.safetensors", r"LayerNorm.bias' has shape \[-32\]"),
     "integer weights": (edit_header(lambda h: _first(h, "embeddings.LayerNorm.bias").update(dtype="I32")),
