@@ -42,9 +42,13 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "BertConfig":
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"{source}: holds a JSON {type(d).__name__}, not an object of config fields")
         model_type = d.get("model_type", "bert")
         archs = d.get("architectures") or ["BertModel"]
-        if model_type != "bert" or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        if not isinstance(archs, list):
+            archs = [archs]
+        if model_type != "bert" or not any(isinstance(a, str) and a in SUPPORTED_ARCHITECTURES for a in archs):
             raise ModelLoadError(
                 f"{source}: model_type={model_type!r}, architectures={archs} is not a BERT encoder; "
                 f"bgesmall runs BERT checkpoints ({', '.join(SUPPORTED_ARCHITECTURES)})"
@@ -61,17 +65,42 @@ class BertConfig:
             )
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in known})
-        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "max_position_embeddings", "type_vocab_size")
-        bad = [f"{k}={getattr(cfg, k)!r}" for k in sizes if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1]
-        if bad:
-            raise ModelLoadError(f"{source}: {', '.join(bad)}: each must be a whole number >= 1")
+        for k, limit in SIZE_LIMITS.items():
+            v = getattr(cfg, k)
+            if not _is_int(v) or v < 1:
+                raise ModelLoadError(f"{source}: {k}={v!r}: each must be a whole number >= 1")
+            if v > limit:
+                raise ModelLoadError(
+                    f"{source}: {k}={v} is beyond any BERT checkpoint bgesmall can run (at most {limit}); "
+                    "the file is damaged or not a BERT config"
+                )
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ModelLoadError(
                 f"{source}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
                 f"{cfg.num_attention_heads}"
             )
+        eps = cfg.layer_norm_eps
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise ModelLoadError(f"{source}: layer_norm_eps={eps!r}: it must be a number between 0 and 1")
         return cfg
+
+
+# Upper bounds on config.json sizes, far above any BERT (bert-large: 1024 wide, 24 layers, 16 heads, 4096 FFN,
+# 30522 tokens, 512 positions): a size past these is a damaged or hostile file, refused before anything is
+# allocated from it. The weights' total is checked against the machine's memory too (weights.py).
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22,  # 4M tokens; the largest multilingual vocabularies have 250k
+    "hidden_size": 8192,
+    "num_hidden_layers": 256,
+    "num_attention_heads": 1024,
+    "intermediate_size": 65536,
+    "max_position_embeddings": 65536,
+    "type_vocab_size": 1024,
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 BGE_SMALL = BertConfig()  # BAAI/bge-small-en-v1.5
@@ -90,7 +119,7 @@ class EmbedderConfig:
         pooling = "cls"
         pool_file = folder / "1_Pooling" / "config.json"
         if pool_file.is_file():
-            p = _read_json(pool_file)
+            p = _read_json(pool_file, dict)
             if p.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif p.get("pooling_mode_mean_tokens"):
@@ -101,20 +130,37 @@ class EmbedderConfig:
         max_len = bert.max_position_embeddings
         st_file = folder / "sentence_bert_config.json"
         if st_file.is_file():
-            max_len = int(_read_json(st_file).get("max_seq_length") or max_len)
+            max_len = _read_json(st_file, dict).get("max_seq_length") or max_len
+            if not _is_int(max_len) or max_len < 2:
+                raise ModelLoadError(f"{st_file}: max_seq_length={max_len!r}: it must be a whole number >= 2 "
+                                     "(tokens per text, [CLS] and [SEP] included)")
         normalize = True
         modules_file = folder / "modules.json"
         if modules_file.is_file():
-            modules = _read_json(modules_file)
-            normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+            modules = _read_json(modules_file, list)
+            normalize = any(isinstance(m, dict) and str(m.get("type", "")).endswith("Normalize") for m in modules)
         return cls(pooling, min(max_len, bert.max_position_embeddings), normalize)
 
 
-def _read_json(path: Path):
+MAX_JSON_BYTES = 1 << 20  # config files are a few hundred bytes: a larger one is not a config
+
+
+def _read_json(path: Path, kind: type = dict):
+    """The JSON value of a small config file, which must be a `kind` (dict or list)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ModelLoadError(f"{path}: {size} bytes, far more than a config file holds (at most "
+                                 f"{MAX_JSON_BYTES}); the file is damaged or not a config")
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
         raise ModelLoadError(f"{path}: cannot read it as JSON ({e}); re-download or repair the file") from e
+    if not isinstance(value, kind):
+        raise ModelLoadError(f"{path}: holds a JSON {type(value).__name__}, expected a JSON "
+                             f"{'object' if kind is dict else 'array'}")
+    return value
 
 
 def read_bert_config(folder: Path) -> BertConfig:
@@ -124,4 +170,4 @@ def read_bert_config(folder: Path) -> BertConfig:
             f"{folder} has no config.json: pass a model folder in the Hugging Face layout "
             "(config.json, model.safetensors, tokenizer.json), e.g. the one `bgesmall download` makes"
         )
-    return BertConfig.from_dict(_read_json(path), source=str(path))
+    return BertConfig.from_dict(_read_json(path, dict), source=str(path))

@@ -67,7 +67,7 @@ class Model:
         self.config = config
         self.embedder = embedder
         self.weights = weights
-        self.tokenizer = Tokenizer(files.tokenizer, embedder.max_seq_length)
+        self.tokenizer = Tokenizer(files.tokenizer, embedder.max_seq_length, config.vocab_size)
         # Data-parallel workers need BLAS held at one thread; where that is impossible, one worker.
         self.threads = threads if blas().controllable else 1
         # which kernels run, measured for this machine (bgesmall/plan.py); the weights take the formats it reads

@@ -38,10 +38,20 @@ def _clean(text: str) -> str:
         return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
+MAX_TOKENIZER_BYTES = 64 << 20  # bge-small's tokenizer.json is 0.7 MB, the largest multilingual ones ~20 MB
+
+
 class Tokenizer:
-    def __init__(self, path: Path, max_tokens: int):
+    def __init__(self, path: Path, max_tokens: int, vocab_size: int | None = None):
+        """vocab_size: the embedding table's rows (config.json); a tokenizer whose ids reach past it is refused."""
         try:
+            size = Path(path).stat().st_size
+            if size > MAX_TOKENIZER_BYTES:
+                raise ModelLoadError(f"{path}: {size} bytes, more than any tokenizer.json (at most "
+                                     f"{MAX_TOKENIZER_BYTES}); the file is damaged or not a tokenizer")
             self._tok = HFTokenizer.from_file(str(path))
+        except ModelLoadError:
+            raise
         except Exception as e:  # tokenizers raises a plain Exception for a missing or malformed file
             raise ModelLoadError(
                 f"cannot read tokenizer {path} ({e}): the model folder needs the checkpoint's tokenizer.json"
@@ -49,6 +59,15 @@ class Tokenizer:
         self._tok.no_padding()
         self._tok.no_truncation()
         self.max_tokens = max_tokens
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise ModelLoadError(f"{path}: the tokenizer's vocabulary (model.vocab) is empty")
+        top = max(vocab.values())
+        if vocab_size is not None and top >= vocab_size:
+            raise ModelLoadError(
+                f"{path}: the tokenizer has token id {top} ({max(vocab, key=vocab.get)!r}), but config.json's "
+                f"vocab_size is {vocab_size}: this tokenizer.json belongs to another model"
+            )
         self.cls_id = self._special("[CLS]", path)
         self.sep_id = self._special("[SEP]", path)
 

@@ -9,6 +9,8 @@ streams: W [in, out] as [ceil(out / 32), in, 32] (kernels/matmul.py). Query, key
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,28 +107,24 @@ def _canonical(name: str) -> str:
 class TensorFile:
     """The tensors of one safetensors file, checked against the config before anything is copied.
 
-    `safetensors` validates the file and lists its tensors; the bytes of each tensor are then read straight
-    into a fresh float32 array with plain file reads, one tensor at a time, so loading holds no second copy
-    of the model (a memory map would add every page it touched to the process's resident memory).
+    The header is read and checked here first (its length, then every tensor's dtype, shape and byte range
+    against the file), so that a damaged or hostile file is refused with the tensor it is about before any
+    allocation sized from it; `safetensors` then validates the file a second time. The bytes of each tensor
+    are read straight into a fresh float32 array with plain file reads, one tensor at a time, so loading holds
+    no second copy of the model (a memory map would add every page it touched to the process's resident
+    memory).
     """
 
     def __init__(self, path: Path, cfg: BertConfig):
         self.path = path
         self.want = expected_shapes(cfg)
+        self.header, self.data_start = read_header(path)
         try:
             with safe_open(str(path), framework="numpy") as fh:
-                stored = list(fh.keys())
-        except FileNotFoundError:
-            raise ModelLoadError(
-                f"{path} does not exist: the model folder needs model.safetensors (`bgesmall download` fetches it)"
-            ) from None
+                fh.keys()
         except Exception as e:  # safetensors raises its own error types for a truncated or corrupt header
             raise ModelLoadError(f"{path}: not a readable safetensors file ({e}); download it again") from e
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            self.header = json.loads(fh.read(n))
-        self.data_start = 8 + n
-        self.names = {_canonical(k): k for k in stored}
+        self.names = {_canonical(k): k for k in self.header if k != "__metadata__"}
         missing = [k for k in self.want if k not in self.names]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -142,8 +140,15 @@ class TensorFile:
                 )
             if info["dtype"] not in _DTYPES:
                 raise ModelLoadError(
-                    f"{path}: tensor {name!r} has dtype {info['dtype']}; expected F32, F16 or BF16"
+                    f"{path}: tensor {name!r} has dtype {info['dtype']}; expected F32, F16, BF16 or F64"
                 )
+        need = 4 * sum(math.prod(shape) for shape in self.want.values())  # float32 at rest
+        memory = _physical_memory()
+        if memory is not None and need > memory:
+            raise ModelLoadError(
+                f"{path}: config.json's sizes need {need / 2**30:.1f} GiB of float32 weights, more than this "
+                f"machine's {memory / 2**30:.1f} GiB of memory"
+            )
 
     def get(self, name: str) -> np.ndarray:
         """One tensor, by canonical name, as a C-contiguous float32 array of its checked shape."""
@@ -163,6 +168,85 @@ class TensorFile:
 
 
 _DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+# Every safetensors dtype (a checkpoint may hold integer buffers such as position_ids beside its weights).
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER_BYTES = 4 << 20  # bge-small's header is 18 KB; a BERT-large one 45 KB
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """safetensors header -> ({name: {"dtype", "shape", "data_offsets"}}, offset of the data), every entry
+    checked: a known dtype, a shape of whole numbers, a byte range inside the file whose length is the
+    shape's, no two ranges overlapping. ModelLoadError names the file and the tensor otherwise."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise ModelLoadError(f"{path}: {size} bytes, too short for a safetensors file; download it again")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise ModelLoadError(
+                    f"{path}: the header claims {n} bytes, but the file has {size - 8} after the length and a "
+                    f"model header is at most {MAX_HEADER_BYTES}; the file is damaged, download it again"
+                )
+            raw = fh.read(n)
+    except FileNotFoundError:
+        raise ModelLoadError(
+            f"{path} does not exist: the model folder needs model.safetensors (`bgesmall download` fetches it)"
+        ) from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read it ({e})") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file: the header is not JSON ({e}); "
+                             "download it again") from e
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: the header is a JSON {type(header).__name__}, not an object of tensors")
+    data_size = size - 8 - n
+    ranges = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise ModelLoadError(f"{where}: its header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ITEM_BYTES:
+            raise ModelLoadError(f"{where} has dtype {dtype!r}, which safetensors does not define")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ModelLoadError(f"{where} has shape {shape!r}; expected a list of whole numbers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ModelLoadError(f"{where} has data_offsets {offsets!r}; expected [begin, end], 0 <= begin <= end")
+        begin, end = offsets
+        if end > data_size:
+            raise ModelLoadError(
+                f"{where}: data_offsets {offsets} run past the end of the file (its data is {data_size} bytes); "
+                "the file is truncated or damaged, download it again"
+            )
+        nbytes = math.prod(shape) * _ITEM_BYTES[dtype]
+        if end - begin != nbytes:
+            raise ModelLoadError(f"{where}: data_offsets {offsets} hold {end - begin} bytes, but shape {shape} "
+                                 f"of {dtype} needs {nbytes}")
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(ranges, ranges[1:]):
+        if begin_b < end_a:
+            raise ModelLoadError(f"{path}: tensors {a!r} and {b!r} overlap in the file; download it again")
+    return header, 8 + n
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX: no check
+        return None
 
 
 def _linear(w: np.ndarray) -> Linear:

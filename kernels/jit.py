@@ -1,8 +1,10 @@
 """The one decorator policy for every kernel in this package (see `__init__.py`)."""
 
 import threading
+import warnings
 
 import numba
+from numba.core.caching import FunctionCache, NullCache
 
 # Pure arithmetic leaves may reassociate and contract (FMA); nothing here assumes no NaN or no inf.
 ARITH_FLAGS = {"contract", "reassoc", "arcp", "afn"}
@@ -12,7 +14,7 @@ def kernel(signature, *, fastmath=False):
     # error_model="numpy": a float division by zero gives inf as in C, instead of Python's ZeroDivisionError,
     # whose check on every division keeps LLVM from vectorizing a loop that divides.
     def decorate(fn):
-        disp = numba.njit(cache=True, nogil=True, fastmath=fastmath, error_model="numpy")(fn)
+        disp = cached_njit(fn, nogil=True, fastmath=fastmath, error_model="numpy")
         compile_from_cache(disp, signature)
         return disp
 
@@ -37,8 +39,11 @@ def compile_from_cache(disp, signature) -> None:
             from numba.core.runtime import rtsys
 
             rtsys.initialize(target_context)  # the one part of the refresh that loaded code needs: NRT's symbols
-            with guard():
-                return load(sig, target_context)
+            try:
+                with guard():
+                    return load(sig, target_context)
+            except Exception as exc:  # a corrupt or unreadable cache file: compile instead (see _GuardedCache)
+                _warn_once(exc)
             return None  # the guard swallowed an I/O error: compile instead
 
         cache.load_overload = load_overload  # this dispatcher's cache only; removed again below
@@ -94,8 +99,59 @@ class _FirstCallKernel:
         if disp is None:
             with self._lock:
                 if self._disp is None:
-                    d = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")(self.py_func)
+                    d = cached_njit(self.py_func, nogil=True, parallel=True, error_model="numpy")
                     compile_from_cache(d, self.signature)
                     self._disp = d
                 disp = self._disp
         return disp(*args)
+
+
+def cached_njit(fn, **options):
+    """numba.njit(cache=True, **options)(fn), except that the on-disk cache can only speed a start up: a cache
+    that cannot be found, read or written (read-only install and home, an unwritable NUMBA_CACHE_DIR, a full
+    disk, a corrupt or truncated file) means compiling in memory, with one warning per process."""
+    disp = numba.njit(**options)(fn)
+    if isinstance(disp, numba.core.dispatcher.Dispatcher):  # not NUMBA_DISABLE_JIT's plain function
+        disp._cache = _GuardedCache.for_function(fn)  # what Dispatcher.enable_caching() sets, made safe
+    return disp
+
+
+class _GuardedCache(FunctionCache):
+    """numba's per-function disk cache, whose every failure is a cache miss instead of an exception."""
+
+    @classmethod
+    def for_function(cls, fn):
+        try:
+            return cls(fn)
+        except Exception as exc:  # RuntimeError "no locator available": no writable cache folder anywhere
+            _warn_once(exc)
+            return NullCache()
+
+    def load_overload(self, sig, target_context):
+        try:
+            return super().load_overload(sig, target_context)
+        except Exception as exc:  # a corrupt index or data file fails to unpickle; an unreadable one, OSError
+            _warn_once(exc)
+            return None
+
+    def save_overload(self, sig, data):
+        try:
+            super().save_overload(sig, data)
+        except Exception as exc:  # read-only or full disk
+            _warn_once(exc)
+
+
+_warned = False
+
+
+def _warn_once(exc: Exception) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"bgesmall: numba's kernel cache cannot be used ({type(exc).__name__}: {exc}); the kernels are "
+            "compiled in memory instead (same results, a slower start). Point NUMBA_CACHE_DIR at a writable "
+            "folder to cache them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
+import os
 import pathlib
 import re
 import signal
@@ -396,13 +398,15 @@ class _GatedModel:
     def __init__(self, model):
         self._model = model
         self.gate = threading.Event()
+        self.computed: list[tuple[int, ...]] = []  # every sequence a forward pass was given
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def embed_token_ids(self, *args, **kwargs):
+    def embed_token_ids(self, ids, *args, **kwargs):
         assert self.gate.wait(60), "the test never opened the gate"
-        return self._model.embed_token_ids(*args, **kwargs)
+        self.computed += [tuple(seq) for seq in ids]
+        return self._model.embed_token_ids(ids, *args, **kwargs)
 
 
 @pytest.mark.parametrize("batching", [True, False])
@@ -438,6 +442,69 @@ def test_overload_is_a_quick_503_and_nothing_else_is_lost(model, batching):
         health = http.get("/health").json()["batching"]
         assert health["refused_requests"] == 1 and health["max_queued_requests"] == 2
         assert health["admitted_requests"] == 0
+
+
+def wait_for(condition, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_request_whose_client_hung_up_is_never_computed(model, batching):
+    """Issue 14: abandoned requests were still embedded, and 2 clients hanging up in a loop cut everyone
+    else's throughput to 0.21x. A request whose client disconnects while it waits is dropped uncomputed."""
+    gated = _GatedModel(model)
+    app = create_app(gated, model_name=NAME, batching=batching, max_wait_ms=0)
+    abandoned_text = "nobody is waiting for the vector of this sentence any more"
+    abandoned_ids = tuple(model.tokenize([abandoned_text], add_special_tokens=False)[0])
+    batcher = app.state.batcher
+    with live_server(app) as base, httpx.Client(base_url=base, timeout=60) as http:
+        answers = {}
+
+        def post(text):
+            answers[text] = http.post("/v1/embeddings", json={"input": [text]})
+
+        first = threading.Thread(target=post, args=(TEXTS[0],))  # holds the model (the gate is shut)
+        first.start()
+        wait_for(lambda: batcher.admitted_requests == 1, "the first request never reached the batcher")
+        body = json.dumps({"input": [abandoned_text]}).encode()
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as rude:
+            rude.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for(lambda: batcher.admitted_requests == 2, "the rude request never reached the batcher")
+        wait_for(lambda: batcher.admitted_requests == 1, "the server did not notice the client leaving")
+        last = threading.Thread(target=post, args=(TEXTS[1],))
+        last.start()
+        wait_for(lambda: batcher.admitted_requests == 2, "the last request never reached the batcher")
+        gated.gate.set()
+        for t in (first, last):
+            t.join(60)
+        for text in TEXTS[:2]:
+            assert answers[text].status_code == 200, answers[text].text
+            np.testing.assert_allclose(as_array_json(answers[text]), model.embed([text]), atol=1e-6)
+        assert abandoned_ids not in gated.computed
+        assert len(gated.computed) == 2
+        if batching:
+            health = http.get("/health").json()["batching"]
+            assert health["abandoned_requests"] == 1 and health["dropped_sequences"] == 1
+            assert health["wasted_sequences"] == 0
+
+
+def test_api_key_is_compared_in_constant_time(model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import bgesmall.server.app as server_app
+
+    compared = []
+    real = server_app.hmac.compare_digest
+    monkeypatch.setattr(server_app.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    with TestClient(create_app(model, model_name=NAME, api_key=KEY)) as c:
+        assert c.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert compared == [(b"Bearer nope", f"Bearer {KEY}".encode()), (f"Bearer {KEY}".encode(),) * 2]
 
 
 def as_array_json(r: httpx.Response) -> np.ndarray:
@@ -498,28 +565,43 @@ def test_run_reads_options_and_api_key_from_env(monkeypatch, model):
         assert r.json()["data"][0]["id"] == "mine"
 
 
-def test_sigterm_finishes_the_request_in_flight(tmp_path):
-    """A subprocess server gets SIGTERM while a large request is being computed: the request still succeeds."""
+def start_serve(options: list[str], env=None) -> tuple[subprocess.Popen, str]:
+    """`python -m bgesmall.server` on the MiniLM folder and a free port, once it answers /health; output piped."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "bgesmall.server", "--model", str(MODEL_DIR), "--port", str(port),
-                             "--log-level", "warning", "--max-batch-tokens", "2048"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read().decode())
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("server did not come up")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def test_sigterm_finishes_the_request_in_flight(tmp_path):
+    """A subprocess server gets SIGTERM while a large request is being computed: the request still succeeds.
+    It logs at debug level, and its API key (right and wrong ones sent) appears nowhere in its output."""
+    secret = "sk-never-log-me-4f1c"
+    auth = {"Authorization": f"Bearer {secret}"}
+    proc, base = start_serve(["--log-level", "debug", "--max-batch-tokens", "2048"],
+                             env={**os.environ, "BGESMALL_API_KEY": secret})
+    deadline = time.monotonic() + 120
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         texts = [f"sentence {i} of a long request that keeps the model busy for a while" for i in range(1500)]
         result = {}
+        wrong = httpx.post(base + "/v1/embeddings", json={"input": "x"}, timeout=30,
+                           headers={"Authorization": f"Bearer {secret[:-1]}"})
+        assert wrong.status_code == 401
 
         def big_request():
-            result["r"] = httpx.post(base + "/v1/embeddings", json={"input": texts}, timeout=300)
+            result["r"] = httpx.post(base + "/v1/embeddings", json={"input": texts}, timeout=300, headers=auth)
 
         sender = threading.Thread(target=big_request)
         sender.start()
@@ -533,7 +615,10 @@ def test_sigterm_finishes_the_request_in_flight(tmp_path):
         assert len(r.json()["data"]) == len(texts)
         # uvicorn re-raises the signal once it has shut down cleanly, so the exit is by SIGTERM (or 0)
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
-        assert "Traceback" not in proc.stdout.read().decode()
+        output = proc.stdout.read().decode()
+        assert "Traceback" not in output
+        assert "POST /v1/embeddings" in output  # the log level did log requests
+        assert secret[:-1] not in output
     finally:
         if proc.poll() is None:
             proc.kill()

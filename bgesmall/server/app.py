@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.security import HTTPBearer
 
@@ -35,6 +35,7 @@ _OFFLOAD_ROWS = 64
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
 RETRY_AFTER_SECONDS = 1
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client hung up first"; nobody receives it, the log shows it
 
 
 def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str | None = None,
@@ -72,7 +73,7 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(HTTPBearer(auto_error=False))], responses=_ERRORS)
 
     @v1.post("/embeddings", response_model=EmbeddingResponse, summary="Create embeddings")
-    async def create_embeddings(request: EmbeddingRequest) -> Response:
+    async def create_embeddings(request: EmbeddingRequest, http: Request) -> Response:
         if request.model is not None and request.model != model_name:
             raise OpenAIError(404, f"The model '{request.model}' does not exist: this server serves "
                                    f"'{model_name}'.", param="model", code="model_not_found")
@@ -85,9 +86,11 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
             prepare = functools.partial(prepare_input, model, request.input, query=request.input_type == "query",
                                         truncate=request.truncate, max_inputs=max_inputs)
             prepared = await _maybe_offload(prepare, _input_size(request.input) >= _OFFLOAD_CHARS)
-            vectors = await batcher.submit(prepared.ids)
+            vectors = await _unless_client_leaves(http, batcher.submit(prepared.ids))
         except ValueError as exc:  # the model refused an input the checks above let through
             raise OpenAIError(400, str(exc), param="input") from exc
+        except _ClientLeft:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Overloaded as exc:  # the official client retries a 503 by itself, after Retry-After
             raise OpenAIError(503, f"The server is overloaded ({exc}); retry in a moment.", type=SERVER_ERROR,
                               code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from exc
@@ -118,7 +121,9 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
                              "admitted_requests": batcher.admitted_requests,
                              "max_queued_requests": config.max_queued_requests, "refused_requests": stats.refused,
                              "requests": stats.requests, "sequences": stats.sequences,
-                             "forward_passes": stats.batches, "largest_batch": stats.largest_batch}}
+                             "forward_passes": stats.batches, "largest_batch": stats.largest_batch,
+                             "abandoned_requests": stats.abandoned, "dropped_sequences": stats.dropped_sequences,
+                             "wasted_sequences": stats.wasted_sequences}}
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
@@ -148,6 +153,37 @@ def _input_size(input: Any) -> int:
     if isinstance(input, str):
         return len(input)
     return sum(len(x) if isinstance(x, (str, list)) else 1 for x in input)
+
+
+class _ClientLeft(Exception):
+    """The client closed its connection before its embeddings were ready."""
+
+
+async def _unless_client_leaves(http: Request, work):
+    """Await the coroutine `work`, unless the client disconnects first: then cancel it and raise _ClientLeft.
+
+    Cancelling a batcher submission drops the request's sequences that no forward pass has taken yet (its
+    future is cancelled; the batcher skips cancelled jobs), so work nobody waits for is never computed. The
+    body has been read by now, so the next ASGI message can only be http.disconnect (the client left, or the
+    response was sent)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(http.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # the client left, or this handler itself was cancelled
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise _ClientLeft
+    return task.result()
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _maybe_offload(fn, offload: bool):

@@ -8,6 +8,10 @@ first arrival at most `max_wait_ms` for company, and only when the previous pass
 sending one request at a time pays no wait). The model runs on one worker thread (off the event loop), so
 the server keeps accepting connections and the model never runs two batches at once.
 
+A request whose caller has gone (the app cancels its `submit` when the client disconnects) is dropped: the
+sequences of it that no forward pass has taken are never computed, and rows of it already in a running pass
+are discarded; the requests beside it are not delayed beyond that pass.
+
 If a packed batch fails as a whole, each request in it is retried on its own, so one bad request can only
 fail itself. At most `max_queued_requests` requests wait or run at once; past that `submit` raises
 `Overloaded` at once (the app answers 503 with Retry-After), so overload costs a quick retry instead of
@@ -76,6 +80,9 @@ class BatcherStats:
     largest_batch: int = 0
     retried_alone: int = 0
     refused: int = 0  # Overloaded
+    abandoned: int = 0  # requests taken off the queue because their caller had gone
+    dropped_sequences: int = 0  # their sequences that no forward pass took: never computed
+    wasted_sequences: int = 0  # their sequences computed anyway (already in a pass when the caller left)
 
 
 class Batcher:
@@ -213,6 +220,8 @@ class Batcher:
     def _budget_full(self) -> bool:
         tokens = sequences = 0
         for job in self._waiting:
+            if job.future.done():  # abandoned: _pack drops it
+                continue
             tokens += job.tokens_left
             sequences += len(job.ids) - job.scheduled
             if tokens >= self.config.max_batch_tokens or sequences >= self.config.max_batch_size:
@@ -231,7 +240,7 @@ class Batcher:
         while self._waiting:
             job = self._waiting[0]
             if job.future.done():  # abandoned (client gone) before its turn
-                self._waiting.popleft()
+                self._drop(self._waiting.popleft())
                 continue
             start = stop = job.scheduled
             while stop < len(job.ids):
@@ -276,7 +285,10 @@ class Batcher:
             self._deliver(job, start, vectors)
 
     def _deliver(self, job: _Job, start: int, vectors: np.ndarray) -> None:
-        if job.failed or job.future.done():
+        if job.failed:
+            return
+        if job.future.done():  # the caller left while this pass ran
+            self.stats.wasted_sequences += len(vectors)
             return
         job.out[start : start + len(vectors)] = vectors
         job.finished += len(vectors)
@@ -291,7 +303,13 @@ class Batcher:
 
     def _drop_abandoned(self) -> None:
         while self._waiting and self._waiting[0].future.done():
-            self._waiting.popleft()
+            self._drop(self._waiting.popleft())
+
+    def _drop(self, job: _Job) -> None:
+        if job.failed:
+            return
+        self.stats.abandoned += 1
+        self.stats.dropped_sequences += len(job.ids) - job.scheduled
 
     def _count_batch(self, n: int) -> None:
         self.stats.batches += 1

@@ -1,0 +1,66 @@
+"""Fuzz model loading: a model folder whose config.json, tokenizer.json, safetensors header or safetensors
+payload is replaced by the input (mutations of the real files, once the corpus holds them), into bgesmall.load.
+
+Documented errors: ModelLoadError (a ValueError) and FileNotFoundError. Nothing else may raise; a folder that
+loads must embed a text into one finite row.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import fuzz_main, small_checkpoint
+
+TARGETS = ["config.json", "tokenizer.json", "header", "payload"]  # the first input byte picks one
+
+
+@functools.lru_cache(maxsize=None)
+def originals() -> dict[str, bytes]:
+    folder = small_checkpoint()
+    st = (folder / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", st[:8])
+    return {"config.json": (folder / "config.json").read_bytes(), "tokenizer.json": (folder / "tokenizer.json").read_bytes(),
+            "header": st[8 : 8 + n], "payload": st[8 + n :]}
+
+
+@functools.lru_cache(maxsize=None)
+def workdir() -> Path:
+    work = Path(tempfile.mkdtemp(prefix="bgesmall-fuzz-load-")) / "model"
+    shutil.copytree(small_checkpoint(), work)
+    return work
+
+
+def seeds() -> list[bytes]:
+    """One input per target that reproduces the real file: where mutations start from."""
+    return [bytes([i]) + originals()[t] for i, t in enumerate(TARGETS)]
+
+
+def one_input(data: bytes) -> None:
+    import bgesmall
+
+    if not data:
+        return
+    files = dict(originals())
+    files[TARGETS[data[0] % len(TARGETS)]] = data[1:]
+    work = workdir()
+    (work / "config.json").write_bytes(files["config.json"])
+    (work / "tokenizer.json").write_bytes(files["tokenizer.json"])
+    (work / "model.safetensors").write_bytes(struct.pack("<Q", len(files["header"])) + files["header"]
+                                             + files["payload"])
+    try:
+        model = bgesmall.load(work, threads=1)
+    except (bgesmall.ModelLoadError, FileNotFoundError):
+        return
+    vectors = model.embed(["a fuzzed model still embeds"])
+    assert vectors.shape == (1, model.dim) and (np.isfinite(vectors).all() or data[0] % len(TARGETS) == 3)
+
+
+if __name__ == "__main__":
+    fuzz_main(one_input)
+    sys.exit(0)

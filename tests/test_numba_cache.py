@@ -1,0 +1,88 @@
+"""A corrupt or unwritable numba cache costs a slower start, never a failure: the kernels compile in memory,
+the embeddings are the same, and the process says so once.
+
+Each case runs a copy of the package in a subprocess (so that the kernels are compiled there, under that
+cache), with the copy's in-tree cache, $HOME and $NUMBA_CACHE_DIR set up for the case. The process runs as
+whoever runs the tests, root included, so "unwritable" is made with paths that pass through a regular file,
+which no one can create a folder in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bgesmall
+import bgesmall.kernels
+
+pytestmark = pytest.mark.slow  # each case compiles every kernel in a fresh process: ~30 s
+
+TEXTS = ["A corrupt cache must not change a single number.", "hello"]
+WARNING = "numba's kernel cache cannot be used"
+
+CHILD = """
+import json, sys
+import bgesmall
+import bgesmall.kernels
+assert bgesmall.__file__.startswith(sys.argv[1]), bgesmall.__file__
+model = bgesmall.load(sys.argv[2])
+print(json.dumps(model.embed(json.loads(sys.argv[3])).tolist()))
+"""
+
+
+@pytest.fixture(scope="module")
+def package_copy(tmp_path_factory) -> Path:
+    """bgesmall and its kernels laid out as an installed package, with the kernels' in-tree numba cache (if
+    the test process made one) copied along, modification times kept so that it stays valid."""
+    root = tmp_path_factory.mktemp("pkg")
+    src = Path(bgesmall.__file__).parent
+    shutil.copytree(src, root / "bgesmall", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.rmtree(root / "bgesmall" / "kernels", ignore_errors=True)
+    shutil.copytree(Path(bgesmall.kernels.__file__).parent, root / "bgesmall" / "kernels",
+                    ignore=shutil.ignore_patterns("*.pyc"), copy_function=shutil.copy2)
+    return root
+
+
+def run_child(package: Path, model_dir: Path, env: dict[str, str]) -> tuple[np.ndarray, str]:
+    child_env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH", "XDG_CACHE_HOME")}
+    child_env.update(env, PYTHONPATH=str(package))
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(package), str(model_dir), json.dumps(TEXTS)],
+                          capture_output=True, text=True, env=child_env, timeout=600, cwd=package)
+    assert proc.returncode == 0, proc.stderr
+    return np.array(json.loads(proc.stdout.splitlines()[-1]), dtype=np.float32), proc.stderr
+
+
+def test_good_then_corrupt_then_unwritable_cache(package_copy, minilm, minilm_dir, tmp_path):
+    expected = minilm.embed(TEXTS)
+    cache = package_copy / "bgesmall" / "kernels" / "__pycache__"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+
+    # 1. A good cache (copied, or written now by the child): no warning.
+    vectors, stderr = run_child(package_copy, minilm_dir, {"HOME": str(tmp_path)})
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    assert WARNING not in stderr, stderr
+    cached = sorted(cache.glob("*.nb[ic]"))
+    assert cached, "the child wrote no in-tree cache"
+
+    # 2. Every index and data file overwritten with garbage (as a crash mid-write or a bad disk leaves them).
+    for f in cached:
+        f.write_bytes(b"\x80\x04garbage, not a pickle" * 3)
+    vectors, stderr = run_child(package_copy, minilm_dir, {"HOME": str(tmp_path)})
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    assert stderr.count(WARNING) == 1, stderr
+
+    # 3. No writable cache anywhere: the in-tree folder, $HOME/.cache and NUMBA_CACHE_DIR all pass through a file.
+    shutil.rmtree(cache)
+    cache.write_text("a file where numba wants its folder\n")
+    vectors, stderr = run_child(package_copy, minilm_dir,
+                                {"HOME": str(blocker), "NUMBA_CACHE_DIR": str(blocker / "numba")})
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    assert stderr.count(WARNING) == 1, stderr
