@@ -4,6 +4,7 @@ import threading
 import warnings
 
 import numba
+from numba.core import typeinfer
 from numba.core.caching import FunctionCache, NullCache
 
 # Pure arithmetic leaves may reassociate and contract (FMA); nothing here assumes no NaN or no inf.
@@ -13,46 +14,7 @@ ARITH_FLAGS = {"contract", "reassoc", "arcp", "afn"}
 def kernel(signature, *, fastmath=False):
     # error_model="numpy": a float division by zero gives inf as in C, instead of Python's ZeroDivisionError,
     # whose check on every division keeps LLVM from vectorizing a loop that divides.
-    def decorate(fn):
-        disp = cached_njit(fn, nogil=True, fastmath=fastmath, error_model="numpy")
-        compile_from_cache(disp, signature)
-        return disp
-
-    return decorate
-
-
-def compile_from_cache(disp, signature) -> None:
-    """disp.compile(signature) and no other signature after it, as numba.njit(signature) does, except that a
-    kernel found in numba's cache is loaded without first "refreshing" numba's target context.
-
-    That refresh imports every typing and lowering registry numba has (its random, datetime and cffi support
-    among them): 0.3-0.6 s, most of a warm start, and nothing a cached kernel needs, since its machine code is
-    complete. On a cache miss the compiler refreshes by itself (numba/core/compiler.py). Where numba's cache
-    internals are not as expected, this is plain numba.njit(signature)."""
-    from numba.core import typeinfer
-
-    cache = getattr(disp, "_cache", None)
-    load = getattr(cache, "_load_overload", None)
-    guard = getattr(cache, "_guard_against_spurious_io_errors", None)
-    if load is not None and guard is not None and callable(getattr(cache, "load_overload", None)):
-        def load_overload(sig, target_context):
-            from numba.core.runtime import rtsys
-
-            rtsys.initialize(target_context)  # the one part of the refresh that loaded code needs: NRT's symbols
-            try:
-                with guard():
-                    return load(sig, target_context)
-            except Exception as exc:  # a corrupt or unreadable cache file: compile instead (see _GuardedCache)
-                _warn_once(exc)
-            return None  # the guard swallowed an I/O error: compile instead
-
-        cache.load_overload = load_overload  # this dispatcher's cache only; removed again below
-    try:
-        with typeinfer.register_dispatcher(disp):
-            disp.compile(signature)
-    finally:
-        cache.__dict__.pop("load_overload", None)
-    disp.disable_compile()
+    return _cached_njit(signature, nogil=True, fastmath=fastmath, error_model="numpy")
 
 
 def inner(*, fastmath=False):
@@ -99,21 +61,28 @@ class _FirstCallKernel:
         if disp is None:
             with self._lock:
                 if self._disp is None:
-                    d = cached_njit(self.py_func, nogil=True, parallel=True, error_model="numpy")
-                    compile_from_cache(d, self.signature)
-                    self._disp = d
+                    self._disp = _cached_njit(self.signature, nogil=True, parallel=True, error_model="numpy")(self.py_func)
                 disp = self._disp
         return disp(*args)
 
 
-def cached_njit(fn, **options):
-    """numba.njit(cache=True, **options)(fn), except that the on-disk cache can only speed a start up: a cache
-    that cannot be found, read or written (read-only install and home, an unwritable NUMBA_CACHE_DIR, a full
-    disk, a corrupt or truncated file) means compiling in memory, with one warning per process."""
-    disp = numba.njit(**options)(fn)
-    if isinstance(disp, numba.core.dispatcher.Dispatcher):  # not NUMBA_DISABLE_JIT's plain function
+def _cached_njit(signature, **options):
+    """numba.njit(signature, cache=True, **options), except that the on-disk cache can only speed a start up:
+    a cache that cannot be found, read or written (read-only install and home, an unwritable NUMBA_CACHE_DIR,
+    a full disk, a corrupt or truncated file) means compiling in memory, with one warning per process; and a
+    kernel found in the cache loads without numba's full target refresh (see _GuardedCache.load_overload)."""
+
+    def decorate(fn):
+        disp = numba.njit(**options)(fn)  # no signature yet: nothing is compiled before the cache is in place
+        if not isinstance(disp, numba.core.dispatcher.Dispatcher):  # NUMBA_DISABLE_JIT: the plain function
+            return disp
         disp._cache = _GuardedCache.for_function(fn)  # what Dispatcher.enable_caching() sets, made safe
-    return disp
+        with typeinfer.register_dispatcher(disp):  # as numba.njit(signature) does: compile now, then refuse others
+            disp.compile(signature)
+        disp.disable_compile()
+        return disp
+
+    return decorate
 
 
 class _GuardedCache(FunctionCache):
@@ -128,8 +97,20 @@ class _GuardedCache(FunctionCache):
             return NullCache()
 
     def load_overload(self, sig, target_context):
+        """The cached kernel, or None. numba's own version first "refreshes" the target context, importing every
+        typing and lowering registry numba has (its random, datetime and cffi support among them): 0.3-0.6 s,
+        most of a warm start, which loaded machine code does not need but for the runtime's (NRT's) symbols. A
+        miss compiles, and the compiler refreshes by itself (numba/core/compiler.py)."""
         try:
-            return super().load_overload(sig, target_context)
+            load = getattr(self, "_load_overload", None)
+            if load is None:  # numba's internals moved: its own way, refresh and all
+                return super().load_overload(sig, target_context)
+            from numba.core.runtime import rtsys
+
+            rtsys.initialize(target_context)
+            with self._guard_against_spurious_io_errors():
+                return load(sig, target_context)
+            return None  # the guard swallowed a spurious I/O error: compile instead
         except Exception as exc:  # a corrupt index or data file fails to unpickle; an unreadable one, OSError
             _warn_once(exc)
             return None
