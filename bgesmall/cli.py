@@ -433,8 +433,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("layers", f"{info['layers']} ({info['heads']} heads, vocab {info['vocab_size']:,})"),
         ("threads", f"{info['worker_threads']} workers, one per core, each single-threaded "
                     "(set BGESMALL_NUM_THREADS to change); a query made alone "
-                    + ("shares its matmuls among them" if model.plan.query == "split" and model.threads > 1
-                       else "runs on one (the plan's choice)")),
+                    + ("shares its matmuls among them" if model.threads > 1 and model.plan.query == "split"
+                       else "runs on one" + (" (the plan's choice)" if model.threads > 1 else ""))),
         ("BLAS threads", f"{info['blas_threads']} (held at 1 while bgesmall runs batches)"),
         ("numba cache", info["numba_cache"]),
     ]

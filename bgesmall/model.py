@@ -15,7 +15,7 @@ from .batching import token_budget_batches
 from .config import BertConfig, EmbedderConfig, read_bert_config
 from .progress import Progress
 from .plan import Plan, default_plan
-from .threads import blas, default_workers, engine_pass, run_small_pass, single_threaded_blas
+from .threads import default_workers, engine_pass, run_small_pass, single_threaded_blas, usable_workers
 from .tokenizer import Tokenizer, check_texts
 from .tune import plan_for
 from .weights import BertWeights, load_weights
@@ -68,8 +68,7 @@ class Model:
         self.embedder = embedder
         self.weights = weights
         self.tokenizer = Tokenizer(files.tokenizer, embedder.max_seq_length, config.vocab_size)
-        # Data-parallel workers need BLAS held at one thread; where that is impossible, one worker.
-        self.threads = threads if blas().controllable else 1
+        self.threads = usable_workers(threads)
         # which kernels run, measured for this machine (bgesmall/plan.py); the weights take the formats it reads
         self.plan = plan if plan is not None else default_plan(config)
         weights.prepare(self.plan)
@@ -288,6 +287,5 @@ def load(path=None, *, threads: int | None = None, plan=None) -> Model:
     config = read_bert_config(files.folder)
     embedder = EmbedderConfig.from_folder(files.folder, config)
     weights = load_weights(files.weights, config)
-    if not blas().controllable:
-        threads = 1  # as Model does: data-parallel workers need BLAS held at one thread
+    threads = usable_workers(threads)  # the plan is measured for the threads the model will run
     return Model(files, config, embedder, weights, threads, plan_for(config, weights, threads, plan))

@@ -38,6 +38,12 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def usable_workers(threads: int) -> int:
+    """The worker threads a model can use: data-parallel workers need BLAS held at one thread, so where it
+    cannot be controlled, one worker."""
+    return threads if blas().controllable else 1
+
+
 class _OpenBLAS:
     """set/get_num_threads of the OpenBLAS that numpy loaded, or None when there is none to find."""
 

@@ -84,14 +84,12 @@ def measure(cfg, weights, threads: int, budget_s: float = BUDGET_S) -> Plan:
         else:
             skipped.append("attention")
 
-
         if threads > 1 and time.perf_counter() < deadline:
             times = on_split_thread(lambda parts: best_times(
                 {"split": _query_products(weights, parts, rng), "single": _query_products(weights, 1, rng)}, 5, deadline
             ), threads)
-            if times is None:
+            if times is None:  # no usable threading layer: nothing to time
                 plan = replace(plan, query="single")
-                timings["query"] = {"split": float("nan"), "single": float("nan")}  # no usable threading layer
             else:
                 timings["query (48 products of 8 rows)"] = times
                 plan = replace(plan, query=pick(times, "split"))
@@ -99,7 +97,7 @@ def measure(cfg, weights, threads: int, budget_s: float = BUDGET_S) -> Plan:
             skipped.append("query")
         if time.perf_counter() < deadline:
             times = _time_batch_tokens(cfg, weights, plan, rng, deadline)
-            timings["batch tokens (seconds per 1024 tokens)"] = times
+            timings["batch tokens (time per 1024 tokens)"] = times
             plan = replace(plan, batch_tokens=int(pick(times, "1024")))
         else:
             skipped.append("batch tokens")
@@ -117,10 +115,16 @@ def _one_of_each_shape(weights) -> list[Linear]:
     return list(seen.values())
 
 
+def _probe(lin: Linear, choices: tuple[tuple[int, str], ...]) -> Linear:
+    """The same weight prepared for other choices, leaving the model's own Linear as it is."""
+    probe = Linear(lin.panels, lin.out_features)
+    probe.prepare(choices)
+    return probe
+
+
 def _time_linear(lin: Linear, rows: int, rng, deadline: float) -> dict[str, float]:
     # every implementation in LINEAR on x [rows, in] -> [rows, out], the weight's own values
-    probe = Linear(lin.panels, lin.out_features)
-    probe.prepare(((1, "blas"),))  # the plain matrix too, for the BLAS candidate
+    probe = _probe(lin, ((1, "blas"),))  # the plain matrix too, for the BLAS candidate
     x = rng.standard_normal((rows, lin.shape[0])).astype(np.float32)
     out = np.empty((rows, lin.out_features), dtype=np.float32)
     names = [n for n in LINEAR if not (n == "tiles/48" and rows <= 48)]  # blocks of 48 change nothing below 49
@@ -171,9 +175,9 @@ def _threshold(times: dict[int, dict[str, float]]) -> int:
 def _time_batch_tokens(cfg, weights, plan: Plan, rng, deadline: float) -> dict[str, float]:
     # seconds per 1024 tokens of one encoder layer (the plan's choices so far) over 64-token sequences,
     # the pass holding 512, 1024 or 2048 tokens
-    layer = weights.layers[0]
-    for lin in layer.linears():
-        lin.prepare(plan.linear_choices(lin.shape))
+    first = weights.layers[0]
+    layer = replace(first, **{name: _probe(getattr(first, name), plan.linear_choices(getattr(first, name).shape))
+                              for name in first.LINEARS})
     ws = encoder.Workspace.allocate(cfg, max(BATCH_TOKENS))
     ws.x[:] = rng.standard_normal(ws.x.shape).astype(np.float32)
     candidates = {}

@@ -13,6 +13,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,10 @@ class LayerWeights:
     ffn_ln_beta: np.ndarray  # [hidden]
 
 
+    LINEARS: ClassVar[tuple[str, ...]] = ("qkv_w", "attn_out_w", "ffn_in_w", "ffn_out_w")
+
     def linears(self) -> tuple[Linear, ...]:
-        return self.qkv_w, self.attn_out_w, self.ffn_in_w, self.ffn_out_w
+        return tuple(getattr(self, name) for name in self.LINEARS)
 
 
 @dataclass(frozen=True)

@@ -259,3 +259,11 @@ def test_blocked_tiles_are_bit_identical():
         linear(x, w, a, 0)
         linear(x, w, b, 48)
         np.testing.assert_array_equal(a, b)
+
+
+def test_measuring_leaves_the_models_own_weights_as_they_were(minilm_dir):
+    model = bgesmall.load(minilm_dir, plan="linear=tiles")
+    before = [(lin.choices, lin.dense is None) for layer in model.weights.layers for lin in layer.linears()]
+    tune.measure(model.config, model.weights, threads=1, budget_s=30)
+    after = [(lin.choices, lin.dense is None) for layer in model.weights.layers for lin in layer.linears()]
+    assert after == before
