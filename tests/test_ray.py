@@ -11,16 +11,15 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-
-import ray.data  # noqa: E402
+# The ray extra is part of the test extra: without it these tests fail at import, they are not skipped.
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+import ray.data  # noqa: E402, F401
 
 from bgesmall import cli  # noqa: E402
 from bgesmall import ray as bray  # noqa: E402
