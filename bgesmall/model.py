@@ -15,7 +15,7 @@ from .batching import token_budget_batches
 from .config import BertConfig, EmbedderConfig, read_bert_config
 from .progress import Progress
 from .plan import Plan, default_plan
-from .threads import default_workers, engine_pass, run_small_pass, single_threaded_blas, usable_workers
+from .threads import SplitGuard, default_workers, engine_pass, run_small_pass, single_threaded_blas, usable_workers
 from .tokenizer import Tokenizer, check_texts
 from .tune import plan_for
 from .weights import BertWeights, load_weights
@@ -75,6 +75,7 @@ class Model:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()  # each thread's own Workspace
+        self._split_guard = SplitGuard()  # a query splits only while splitting pays (bgesmall/threads.py)
 
     def __repr__(self) -> str:
         return f"bgesmall.Model({str(self.path)!r}, dim={self.dim}, layers={self.config.num_hidden_layers}, pooling={self.pooling!r})"
@@ -184,7 +185,7 @@ class Model:
         if len(batches) == 1:  # one small pass (a query): its products may be shared by the cores
             with single_threaded_blas():
                 split = self.threads if self.plan.query == "split" else 1
-                out[:] = run_small_pass(split, lambda parts: self._forward(seqs, parts))
+                out[:] = run_small_pass(split, lambda parts: self._forward(seqs, parts), total, self._split_guard)
         else:  # data-parallel: each worker takes whole batches, single-threaded
             with single_threaded_blas(), engine_pass():
                 if self.threads == 1:

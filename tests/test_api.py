@@ -264,3 +264,45 @@ def test_a_query_splits_only_when_alone_and_only_on_the_split_thread():
         assert seen == [(2, "bgesmall-split_0")]
     else:
         assert seen == [(1, threading.current_thread().name)]
+
+
+def test_split_guard_stops_splitting_while_split_passes_run_slow_and_tries_again_later():
+    from bgesmall.threads import SplitGuard
+
+    guard = SplitGuard()
+    for _ in range(5):  # quiet: every pass splits, and the fastest one is the estimate
+        assert guard.split_now(7)
+        guard.record(7, 0.010)
+    assert guard.split_now(7)
+    guard.record(7, 0.030)  # one slow pass (a blip) is not enough
+    assert guard.split_now(7)
+    guard.record(7, 0.011)
+    for _ in range(guard.STRIKES):  # another process holds a core: split passes in a row run 3x slow
+        assert guard.split_now(7)
+        guard.record(7, 0.030)
+    rested = [guard.split_now(7) for _ in range(guard.REST)]
+    assert rested == [False] * guard.REST  # one thread for the next REST passes of that size
+    assert guard.split_now(700)  # other sizes are judged on their own
+    assert guard.split_now(7)  # then a split is tried again
+    guard.record(7, 0.010)
+    assert guard.split_now(7)
+
+
+def test_a_query_beside_a_busy_core_runs_on_one_thread_after_two_slow_splits():
+    import time
+
+    from bgesmall import threads
+
+    threads.run_small_pass(2, lambda parts: parts)  # probe the split thread
+    if not threads._split_state["usable"]:
+        pytest.skip("numba has no OpenMP or TBB threading layer here: queries never split")
+    guard, seen = threads.SplitGuard(), []
+
+    def forward(parts):  # the first split pass is quick, later ones wait (as for a descheduled thread)
+        seen.append(parts)
+        time.sleep(0.002 if len(seen) == 1 or parts == 1 else 0.02)
+        return parts
+
+    for _ in range(6):
+        threads.run_small_pass(2, forward, 7, guard)
+    assert seen == [2, 2, 2, 1, 1, 1]
