@@ -69,7 +69,7 @@ def render(args, argv, ckpt, info, roof, stats, results, acc, skipped, wanted) -
     add(f"- machine: {info['cpu']} ({info.get('cpu_number', '?')}), {info['cores']} cores; has "
         f"{', '.join(info['isa'])}; lacks {absent}; {info['threads']} threads for "
         f"every engine; Python {info['python']}, numpy {info['numpy']} with {'; '.join(info['numpy_blas'])}; {env}")
-    add(f"- bgesmall at commit {info['commit']}")
+    add(f"- bgesmall at commit {info['commit']}" + (f"; {info['bytecode']}, as pip install does" if "bytecode" in info else ""))
     add(f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in info['loadavg'])}, at the end: "
         f"{', '.join(f'{x:.2f}' for x in info.get('loadavg_end', ()))} (2 cores shared with other work: compare "
         "ratios within one run, not figures across runs)")

@@ -19,6 +19,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -171,43 +172,69 @@ def engine_pass():
 
 
 class SplitGuard:
-    """Whether a small pass should split now, from how the last split passes of its size went.
+    """Whether a small pass should split now, from how the last passes of its size went.
 
     A split pass waits for every thread of its team at each of its 48 products, so when another process holds
     a core, it waits for that core each time: measured on a 2-core AMD EPYC (Zen 3) beside two niced background
     jobs, a 7-token query took 138-242 ms at the median split against 26 ms on one thread (11-14 ms quiet).
-    So: per size (tokens, in powers of two), the fastest split pass seen is the uncontended estimate; after
-    STRIKES split passes in a row slower than SLOW times it, the passes of that size run on one thread for the
-    next REST passes, then a split is tried again. Quiet, nothing changes; the results are the same either way
-    (the same tiles, panel by panel)."""
+    So, per size (tokens, in powers of two): the fastest split pass seen is the quiet estimate; a split pass
+    SUSPECT times slower than it has the next pass run on one thread, for comparison, unless one ran in the
+    last FRESH passes; a split pass slower than those last passes on one thread (or, with none that recent,
+    SLOW times the estimate) is a strike, and after STRIKES
+    in a row the passes of that size run on one thread for the next REST passes, then a split is tried again.
+    Quiet, every pass splits; the results are the same either way (the same tiles, panel by panel)."""
 
+    SUSPECT = 1.5
+    FRESH = 16
     SLOW = 2.5
     STRIKES = 2
     REST = 64
 
+    @dataclass
+    class _Size:
+        fastest_split: float = float("inf")
+        strikes: int = 0
+        rest: int = 0  # passes left to run on one thread
+        compare: bool = False  # the next pass runs on one thread, to compare
+        single: list = field(default_factory=list)  # the last few one-thread times
+        since_single: int = 0  # split passes since the last one-thread pass
+
     def __init__(self):
         self._lock = threading.Lock()
-        self._sizes: dict[int, list] = {}  # log2(tokens) -> [fastest split seconds, strikes, passes left at rest]
+        self._sizes: dict[int, SplitGuard._Size] = {}
+
+    def _size(self, tokens: int) -> "SplitGuard._Size":
+        return self._sizes.setdefault(max(int(tokens), 1).bit_length(), SplitGuard._Size())
 
     def split_now(self, tokens: int) -> bool:
         with self._lock:
-            state = self._sizes.setdefault(max(int(tokens), 1).bit_length(), [float("inf"), 0, 0])
-            if state[2] > 0:
-                state[2] -= 1
+            size = self._size(tokens)
+            if size.rest > 0:
+                size.rest -= 1
+                return False
+            if size.compare:
+                size.compare = False
                 return False
             return True
 
-    def record(self, tokens: int, seconds: float) -> None:
-        """The time of a split pass of this many tokens."""
+    def record(self, tokens: int, seconds: float, split: bool = True) -> None:
+        """The time of a pass of this many tokens, split or on one thread."""
         with self._lock:
-            state = self._sizes.setdefault(max(int(tokens), 1).bit_length(), [float("inf"), 0, 0])
-            if seconds > self.SLOW * state[0]:
-                state[1] += 1
-                if state[1] >= self.STRIKES:
-                    state[1], state[2] = 0, self.REST
+            size = self._size(tokens)
+            if not split:
+                size.single, size.since_single = (size.single + [seconds])[-5:], 0
+                return
+            size.since_single += 1
+            fresh = bool(size.single) and size.since_single < self.FRESH
+            if fresh:
+                slow = seconds > sorted(size.single)[len(size.single) // 2]
             else:
-                state[1] = 0
-            state[0] = min(state[0], seconds)
+                slow = seconds > self.SLOW * size.fastest_split
+            size.compare = not fresh and seconds > self.SUSPECT * size.fastest_split
+            size.strikes = size.strikes + 1 if slow else 0
+            if size.strikes >= self.STRIKES:
+                size.strikes, size.rest, size.compare = 0, self.REST, False
+            size.fastest_split = min(size.fastest_split, seconds)
 
 
 def run_small_pass(threads: int, forward, tokens: int = 0, guard: SplitGuard | None = None):
@@ -216,12 +243,13 @@ def run_small_pass(threads: int, forward, tokens: int = 0, guard: SplitGuard | N
     calling thread."""
     with engine_pass() as alone:
         executor = _split_executor() if threads > 1 and alone else None
-        if executor is None or (guard is not None and not guard.split_now(tokens)):
+        if executor is None:
             return forward(1)
+        split = guard is None or guard.split_now(tokens)
         start = time.perf_counter()
-        result = executor.submit(_split_forward, forward, threads).result()
+        result = executor.submit(_split_forward, forward, threads).result() if split else forward(1)
         if guard is not None:
-            guard.record(tokens, time.perf_counter() - start)
+            guard.record(tokens, time.perf_counter() - start, split)
         return result
 
 

@@ -15,10 +15,17 @@ Decorator policy, written down once (see `jit.py`):
   divided or `-inf` could appear.
 """
 
-from .activations import bias_gelu, erf, exp_nonpositive, gelu
-from .attention import attention, softmax_rows
-from .layernorm import embed_layernorm, residual_layernorm
-from .matmul import linear, linear_split, pack_columns, unpack_columns
+from . import compile_ahead
+
+# With numba's cache empty, a child process compiles matmul.py's kernels while this one compiles the others
+# (compile_ahead.py); matmul.py is imported last, once the child is done, and loads them from the cache.
+_child = compile_ahead.start()
+from .activations import bias_gelu, erf, exp_nonpositive, gelu  # noqa: E402
+from .attention import attention, softmax_rows  # noqa: E402
+from .layernorm import embed_layernorm, residual_layernorm  # noqa: E402
+
+compile_ahead.wait(_child)
+from .matmul import linear, linear_split, pack_columns, unpack_columns  # noqa: E402
 
 __all__ = [
     "attention",

@@ -7,6 +7,8 @@ import numba
 from numba.core import typeinfer
 from numba.core.caching import FunctionCache, NullCache
 
+from . import compile_ahead
+
 # Pure arithmetic leaves may reassociate and contract (FMA); nothing here assumes no NaN or no inf.
 ARITH_FLAGS = {"contract", "reassoc", "arcp", "afn"}
 
@@ -44,26 +46,29 @@ def parallel_kernel(signature):
     starts the threading layer (GNU OpenMP), and a process that forks must not have it running."""
 
     def decorate(fn):
-        return _FirstCallKernel(fn, signature)
+        return _FirstCallKernel(fn, signature, parallel=True)
 
     return decorate
 
 
 class _FirstCallKernel:
-    def __init__(self, fn, signature):
-        self.py_func, self.signature = fn, signature
+    """A kernel compiled (or loaded from the cache) when first called, or when `dispatcher()` is asked for."""
+
+    def __init__(self, fn, signature, **options):
+        self.py_func, self.signature, self.options = fn, signature, options
         self.__name__, self.__doc__ = fn.__name__, fn.__doc__
         self._disp = None
         self._lock = threading.Lock()
 
-    def __call__(self, *args):
-        disp = self._disp
-        if disp is None:
+    def dispatcher(self):
+        if self._disp is None:
             with self._lock:
                 if self._disp is None:
-                    self._disp = _cached_njit(self.signature, nogil=True, parallel=True, error_model="numpy")(self.py_func)
-                disp = self._disp
-        return disp(*args)
+                    self._disp = _cached_njit(self.signature, nogil=True, error_model="numpy", **self.options)(self.py_func)
+        return self._disp
+
+    def __call__(self, *args):
+        return (self._disp or self.dispatcher())(*args)
 
 
 def _cached_njit(signature, **options):
@@ -73,6 +78,8 @@ def _cached_njit(signature, **options):
     kernel found in the cache loads without numba's full target refresh (see _GuardedCache.load_overload)."""
 
     def decorate(fn):
+        if not compile_ahead.compiles_here(fn.__module__):  # a compile-ahead child, for another module's kernel
+            return _FirstCallKernel(fn, signature, **{k: v for k, v in options.items() if k not in ("nogil", "error_model")})
         disp = numba.njit(**options)(fn)  # no signature yet: nothing is compiled before the cache is in place
         if not isinstance(disp, numba.core.dispatcher.Dispatcher):  # NUMBA_DISABLE_JIT: the plain function
             return disp

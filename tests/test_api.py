@@ -270,25 +270,45 @@ def test_split_guard_stops_splitting_while_split_passes_run_slow_and_tries_again
     from bgesmall.threads import SplitGuard
 
     guard = SplitGuard()
-    for _ in range(5):  # quiet: every pass splits, and the fastest one is the estimate
+    for _ in range(3):  # quiet: every pass splits, and the fastest one is the estimate
         assert guard.split_now(7)
         guard.record(7, 0.010)
     assert guard.split_now(7)
-    guard.record(7, 0.030)  # one slow pass (a blip) is not enough
+    guard.record(7, 0.030)  # another process holds a core: 3x slow, a strike (nothing to compare with yet)
+    assert not guard.split_now(7)  # so the next pass runs on one thread, to compare
+    guard.record(7, 0.020, split=False)
     assert guard.split_now(7)
-    guard.record(7, 0.011)
-    for _ in range(guard.STRIKES):  # another process holds a core: split passes in a row run 3x slow
-        assert guard.split_now(7)
-        guard.record(7, 0.030)
+    guard.record(7, 0.030)  # slower than one thread: the second strike
     rested = [guard.split_now(7) for _ in range(guard.REST)]
     assert rested == [False] * guard.REST  # one thread for the next REST passes of that size
     assert guard.split_now(700)  # other sizes are judged on their own
-    assert guard.split_now(7)  # then a split is tried again
+    assert guard.split_now(7)  # then a split is tried again; quiet again, it stays
     guard.record(7, 0.010)
-    assert guard.split_now(7)
+    assert [guard.split_now(7) for _ in range(5)] == [True] * 5
 
 
-def test_a_query_beside_a_busy_core_runs_on_one_thread_after_two_slow_splits():
+def test_split_guard_keeps_splitting_through_a_blip_and_when_the_whole_machine_slows_down():
+    from bgesmall.threads import SplitGuard
+
+    guard = SplitGuard()
+    guard.record(7, 0.010)  # quiet: split 10 ms
+    guard.record(7, 0.030)  # a blip: one strike, and one pass on one thread to compare (15 ms)
+    assert not guard.split_now(7)
+    guard.record(7, 0.015, split=False)
+    for _ in range(guard.FRESH + 4):
+        assert guard.split_now(7)
+        guard.record(7, 0.010)
+    # everything 3x slower (a throttled CPU): split 30 ms, one thread 45 ms; the split stays, and one pass in
+    # FRESH runs on one thread to check that it still pays
+    ran = []
+    for _ in range(4 * guard.FRESH):
+        split = guard.split_now(7)
+        ran.append(split)
+        guard.record(7, 0.030 if split else 0.045, split)
+    assert ran.count(False) <= 5, ran
+
+
+def test_a_query_beside_a_busy_core_runs_on_one_thread_after_two_slow_splits_and_a_comparison():
     import time
 
     from bgesmall import threads
@@ -300,9 +320,9 @@ def test_a_query_beside_a_busy_core_runs_on_one_thread_after_two_slow_splits():
 
     def forward(parts):  # the first split pass is quick, later ones wait (as for a descheduled thread)
         seen.append(parts)
-        time.sleep(0.002 if len(seen) == 1 or parts == 1 else 0.02)
+        time.sleep(0.002 if len(seen) == 1 else 0.005 if parts == 1 else 0.02)
         return parts
 
-    for _ in range(6):
+    for _ in range(8):
         threads.run_small_pass(2, forward, 7, guard)
-    assert seen == [2, 2, 2, 1, 1, 1]
+    assert seen == [2, 2, 1, 2, 1, 1, 1, 1]  # quick, slow (strike), compare on one thread, slower (strike): rest

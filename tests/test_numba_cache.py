@@ -86,3 +86,66 @@ def test_good_then_corrupt_then_unwritable_cache(package_copy, minilm, minilm_di
                                 {"HOME": str(blocker), "NUMBA_CACHE_DIR": str(blocker / "numba")})
     np.testing.assert_allclose(vectors, expected, atol=1e-6)
     assert stderr.count(WARNING) == 1, stderr
+
+
+def _indexes(cache: Path, module: str) -> list[str]:
+    return sorted(p.name for p in cache.glob(f"{module}.*.nbi"))
+
+
+def test_a_cold_start_compiles_the_linear_kernels_in_a_second_process(package_copy, minilm, minilm_dir, tmp_path):
+    # kernels/compile_ahead.py: with an empty cache, a child compiles matmul.py's kernels, linear_split included
+    # (which the parent itself only compiles at a query's first split), while the parent compiles the rest
+    cache = tmp_path / "numba-cache"
+    code = ("import bgesmall.kernels, glob, sys; "
+            "print(len(glob.glob(sys.argv[1] + '/**/matmul.linear_split-*.nbi', recursive=True)))")
+    child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BGESMALL_COMPILE_AHEAD")}
+    child_env.update(PYTHONPATH=str(package_copy), NUMBA_CACHE_DIR=str(cache))
+    proc = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True, text=True, env=child_env,
+                          timeout=600, cwd=package_copy)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1"], proc.stdout + proc.stderr
+    # and the kernels it left are the ones that run: same vectors from a process that loads them all
+    vectors, stderr = run_child(package_copy, minilm_dir, {"NUMBA_CACHE_DIR": str(cache)})
+    np.testing.assert_allclose(vectors, minilm.embed(TEXTS), atol=1e-6)
+    assert WARNING not in stderr, stderr
+
+
+def test_the_compile_ahead_child_compiles_only_its_own_module(package_copy, tmp_path):
+    cache = tmp_path / "numba-cache"
+    from bgesmall.kernels import compile_ahead
+
+    child_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    child_env.update({"PYTHONPATH": str(package_copy), "NUMBA_CACHE_DIR": str(cache),
+                      compile_ahead.CHILD_ENV: compile_ahead.CHILD_MODULE})
+    code = compile_ahead.CHILD_CODE + "; import bgesmall.kernels as k; print(type(k.attention).__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["_FirstCallKernel"]  # attention.py's kernel: not compiled in the child
+    written = [p.name for p in cache.rglob("*.nbi")]
+    assert any(n.startswith("matmul.linear_panels-") for n in written), written
+    assert any(n.startswith("matmul.linear_split-") for n in written), written
+    assert not [n for n in written if not n.startswith("matmul.")], written
+
+
+def test_no_compile_ahead_child_when_the_cache_is_warm_or_it_is_switched_off(monkeypatch):
+    from bgesmall.kernels import compile_ahead
+
+    assert compile_ahead.start() is None  # this process imported the kernels: matmul.py's are in the cache
+    monkeypatch.setattr(compile_ahead, "_cached", lambda cache_dir: False)  # as if the cache were empty
+    monkeypatch.setenv(compile_ahead.SWITCH_ENV, "0")
+    assert compile_ahead.start() is None
+
+
+def test_a_compile_ahead_child_that_hangs_is_stopped_and_one_that_fails_is_ignored(monkeypatch):
+    import time
+
+    from bgesmall.kernels import compile_ahead
+
+    monkeypatch.setattr(compile_ahead, "TIMEOUT_S", 0.5)
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started = time.monotonic()
+    compile_ahead.wait(hung)
+    assert time.monotonic() - started < 10 and hung.poll() is not None
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    compile_ahead.wait(failed)  # returns: this process compiles what the child did not
+    assert failed.returncode == 3

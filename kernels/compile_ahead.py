@@ -1,0 +1,115 @@
+"""A cold start compiles the kernels on two cores instead of one.
+
+With numba's cache empty (the first use on a machine, or after an upgrade), compiling the kernels is most of
+the start: about 9 s on one core of an AMD EPYC (Zen 3), half of it for the linear layers' kernels
+(`matmul.py`: `linear_panels`, and `linear_split`, compiled at its first call). numba compiles one function at a
+time under one lock, so a second thread would not help; a second process does. When the cache holds no
+`matmul.py` kernels, `start()` runs a child Python that compiles just those into numba's on-disk cache while this
+process compiles the others (activations, attention, layer norms); `wait()` joins it before `matmul.py` is
+imported, which then loads them from the cache. Whatever happens to the child (killed, failed, too slow, a cache
+it could not write), this process compiles what is missing itself: the child can only make a start shorter.
+
+No child when: the cache already has them (a warm start pays one directory listing), one core, numba's JIT is
+disabled, the cache cannot be written, the interpreter is not a plain `python` executable (embedded in a server),
+or BGESMALL_COMPILE_AHEAD=0.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import subprocess
+import sys
+
+CHILD_ENV = "BGESMALL_COMPILE_ONLY"  # set in the child: the module whose kernels it compiles; others stay lazy
+SWITCH_ENV = "BGESMALL_COMPILE_AHEAD"
+CHILD_MODULE = "matmul"
+TIMEOUT_S = 300.0
+CHILD_CODE = "import bgesmall.kernels.matmul as m; m.linear_split.dispatcher()"
+
+
+def in_child() -> bool:
+    return bool(os.environ.get(CHILD_ENV))
+
+
+def compiles_here(module: str) -> bool:
+    """Whether this process compiles the kernels of `module` (bgesmall.kernels.X) when they are decorated."""
+    only = os.environ.get(CHILD_ENV)
+    return not only or module.rsplit(".", 1)[-1] == only
+
+
+def _cache_dir() -> str | None:
+    # numba's cache folder for this package's source files (the same locator its kernels get), or None
+    try:
+        from numba.core.caching import FunctionCache
+
+        return FunctionCache(_cache_dir)._cache_path
+    except Exception:  # noqa: BLE001 - no writable cache location anywhere: nothing to compile ahead into
+        return None
+
+
+def _cached(cache_dir: str) -> bool:
+    # an index of each of matmul.py's kernels stamped with matmul.py as it is now (numba 0.68 stamps an index
+    # with a hash of its source file; a changed source gets a new index); anything unreadable: assume cached
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), CHILD_MODULE + ".py")
+    try:
+        from numba.core.caching import _hash_source_file
+
+        st = os.stat(source)
+        stamp = _hash_source_file(source, st.st_mtime, st.st_size)
+        for name in ("linear_panels", "linear_split"):
+            if not any(_index_stamp(p) == stamp for p in glob.glob(os.path.join(cache_dir, f"{CHILD_MODULE}.{name}-*.nbi"))):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - numba's internals moved: no child, the start compiles as it always did
+        return True
+
+
+def _index_stamp(path: str):
+    # numba's index file: a pickled version, then a pickle of (source stamp, overloads)
+    try:
+        with open(path, "rb") as f:
+            pickle.load(f)
+            return pickle.loads(f.read())[0]
+    except Exception:  # noqa: BLE001 - a truncated or foreign file stamps nothing
+        return None
+
+
+def start() -> subprocess.Popen | None:
+    """The child compiling matmul.py's kernels, or None where none is worth starting (see the module's doc)."""
+    if in_child() or os.environ.get(SWITCH_ENV, "1") == "0":
+        return None
+    try:
+        import numba
+
+        if numba.config.DISABLE_JIT or len(os.sched_getaffinity(0)) < 2:
+            return None
+    except AttributeError:  # no sched_getaffinity (not Linux)
+        if (os.cpu_count() or 1) < 2:
+            return None
+    exe = os.path.basename(sys.executable or "")
+    if not exe.startswith(("python", "pypy")):
+        return None
+    cache_dir = _cache_dir()
+    if cache_dir is None or _cached(cache_dir):
+        return None
+    env = dict(os.environ, **{CHILD_ENV: CHILD_MODULE, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    try:
+        return subprocess.Popen([sys.executable, "-c", CHILD_CODE], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def wait(child: subprocess.Popen | None) -> None:
+    """Join the child (stopping it after TIMEOUT_S); its outcome does not matter, only the cache it leaves."""
+    if child is None:
+        return
+    try:
+        child.wait(timeout=TIMEOUT_S)
+    except BaseException:  # too slow, or this process is being interrupted: do not leave it behind
+        child.kill()
+        child.wait()
+        if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
+            raise
