@@ -9,9 +9,13 @@ process compiles the others (activations, attention, layer norms); `wait()` join
 imported, which then loads them from the cache. Whatever happens to the child (killed, failed, too slow, a cache
 it could not write), this process compiles what is missing itself: the child can only make a start shorter.
 
-No child when: the cache already has them (a warm start pays one directory listing), one core, numba's JIT is
-disabled, the cache cannot be written, the interpreter is not a plain `python` executable (embedded in a server),
-or BGESMALL_COMPILE_AHEAD=0.
+No child when: the cache already has them (a warm start pays one directory listing), one core, no idle core (the
+load average of the last minute is within half a core of the core count: the child would only take turns with
+this process), numba's JIT is disabled, the cache cannot be written, the interpreter is not a plain `python`
+executable (embedded in a server), or BGESMALL_COMPILE_AHEAD=0. And if the child is still compiling when this
+process is done with its share and has waited half as long again, the machine was busier than it looked: the
+child is stopped and this process compiles the rest itself. BGESMALL_COMPILE_AHEAD=1 starts a child whatever
+the load and waits for it (up to TIMEOUT_S).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 CHILD_ENV = "BGESMALL_COMPILE_ONLY"  # set in the child: the module whose kernels it compiles; others stay lazy
 SWITCH_ENV = "BGESMALL_COMPILE_AHEAD"
@@ -80,14 +85,21 @@ def start() -> subprocess.Popen | None:
     """The child compiling matmul.py's kernels, or None where none is worth starting (see the module's doc)."""
     if in_child() or os.environ.get(SWITCH_ENV, "1") == "0":
         return None
-    try:
-        import numba
+    import numba
 
-        if numba.config.DISABLE_JIT or len(os.sched_getaffinity(0)) < 2:
-            return None
-    except AttributeError:  # no sched_getaffinity (not Linux)
-        if (os.cpu_count() or 1) < 2:
-            return None
+    if numba.config.DISABLE_JIT:
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average here: assume idle cores
+        busy = 0.0
+    forced = os.environ.get(SWITCH_ENV) == "1"
+    if cores < 2 or (busy > cores - 0.5 and not forced):
+        return None
     exe = os.path.basename(sys.executable or "")
     if not exe.startswith(("python", "pypy")):
         return None
@@ -96,18 +108,24 @@ def start() -> subprocess.Popen | None:
         return None
     env = dict(os.environ, **{CHILD_ENV: CHILD_MODULE, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     try:
-        return subprocess.Popen([sys.executable, "-c", CHILD_CODE], env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        child = subprocess.Popen([sys.executable, "-c", CHILD_CODE], env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:
         return None
+    child.started = None if forced else time.monotonic()  # forced: no patience, wait for it
+    return child
 
 
 def wait(child: subprocess.Popen | None) -> None:
-    """Join the child (stopping it after TIMEOUT_S); its outcome does not matter, only the cache it leaves."""
+    """Join the child, for at most half the time since it started (this process's own share took that long, and
+    the child's is about as large), and TIMEOUT_S in all; a child still running then is stopped. Its outcome
+    does not matter, only the cache it leaves."""
     if child is None:
         return
+    started = getattr(child, "started", None)
+    patience = TIMEOUT_S if started is None else min(TIMEOUT_S, 0.5 * (time.monotonic() - started) + 1.0)
     try:
-        child.wait(timeout=TIMEOUT_S)
+        child.wait(timeout=patience)
     except BaseException:  # too slow, or this process is being interrupted: do not leave it behind
         child.kill()
         child.wait()

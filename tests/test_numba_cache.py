@@ -99,7 +99,7 @@ def test_a_cold_start_compiles_the_linear_kernels_in_a_second_process(package_co
     code = ("import bgesmall.kernels, glob, sys; "
             "print(len(glob.glob(sys.argv[1] + '/**/matmul.linear_split-*.nbi', recursive=True)))")
     child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BGESMALL_COMPILE_AHEAD")}
-    child_env.update(PYTHONPATH=str(package_copy), NUMBA_CACHE_DIR=str(cache))
+    child_env.update(PYTHONPATH=str(package_copy), NUMBA_CACHE_DIR=str(cache), BGESMALL_COMPILE_AHEAD="1")  # whatever the load
     proc = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True, text=True, env=child_env,
                           timeout=600, cwd=package_copy)
     assert proc.returncode == 0, proc.stderr
@@ -132,6 +132,9 @@ def test_no_compile_ahead_child_when_the_cache_is_warm_or_it_is_switched_off(mon
 
     assert compile_ahead.start() is None  # this process imported the kernels: matmul.py's are in the cache
     monkeypatch.setattr(compile_ahead, "_cached", lambda cache_dir: False)  # as if the cache were empty
+    monkeypatch.setattr(compile_ahead.os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # every core busy
+    assert compile_ahead.start() is None
+    monkeypatch.setattr(compile_ahead.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     monkeypatch.setenv(compile_ahead.SWITCH_ENV, "0")
     assert compile_ahead.start() is None
 
@@ -141,11 +144,17 @@ def test_a_compile_ahead_child_that_hangs_is_stopped_and_one_that_fails_is_ignor
 
     from bgesmall.kernels import compile_ahead
 
-    monkeypatch.setattr(compile_ahead, "TIMEOUT_S", 0.5)
     hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    hung.started = time.monotonic() - 4  # this process spent 4 s on its own share: it waits 2 s + 1 s more
     started = time.monotonic()
     compile_ahead.wait(hung)
-    assert time.monotonic() - started < 10 and hung.poll() is not None
+    assert 2 < time.monotonic() - started < 10 and hung.poll() is not None
+    monkeypatch.setattr(compile_ahead, "TIMEOUT_S", 0.5)  # and never longer than TIMEOUT_S
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    hung.started = time.monotonic() - 100
+    started = time.monotonic()
+    compile_ahead.wait(hung)
+    assert time.monotonic() - started < 5 and hung.poll() is not None
     failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     compile_ahead.wait(failed)  # returns: this process compiles what the child did not
     assert failed.returncode == 3
