@@ -177,12 +177,12 @@ class SplitGuard:
     A split pass waits for every thread of its team at each of its 48 products, so when another process holds
     a core, it waits for that core each time: measured on a 2-core AMD EPYC (Zen 3) beside two niced background
     jobs, a 7-token query took 138-242 ms at the median split against 26 ms on one thread (11-14 ms quiet).
-    So, per size (tokens, in powers of two): the fastest split pass seen is the quiet estimate; a split pass
+    So, per size (tokens, in powers of two): the fastest split pass seen is the quiet estimate. A split pass
     SUSPECT times slower than it has the next pass run on one thread, for comparison, unless one ran in the
-    last FRESH passes; a split pass slower than those last passes on one thread (or, with none that recent,
-    SLOW times the estimate) is a strike, and after STRIKES
-    in a row the passes of that size run on one thread for the next REST passes, then a split is tried again.
-    Quiet, every pass splits; the results are the same either way (the same tiles, panel by panel)."""
+    last FRESH passes. A split pass slower than those recent one-thread passes (or, with none that recent, SLOW
+    times the estimate) is a strike; after STRIKES in a row, the passes of that size run on one thread for the
+    next REST passes, then a split is tried again. Quiet, every pass splits; the results are the same either
+    way (the same tiles, panel by panel)."""
 
     SUSPECT = 1.5
     FRESH = 16
