@@ -7,6 +7,7 @@ loads must embed a text into one finite row.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import shutil
 import struct
@@ -31,9 +32,22 @@ def originals() -> dict[str, bytes]:
 
 @functools.lru_cache(maxsize=None)
 def workdir() -> Path:
-    work = Path(tempfile.mkdtemp(prefix="bgesmall-fuzz-load-")) / "model"
+    """The folder each input's model is written to: in memory (/dev/shm) where there is one, removed at exit."""
+    shm = Path("/dev/shm")
+    root = Path(tempfile.mkdtemp(prefix="bgesmall-fuzz-load-", dir=shm if shm.is_dir() else None))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    work = root / "model"
     shutil.copytree(small_checkpoint(), work)
     return work
+
+
+_written: dict[str, bytes] = {}  # what each file in workdir() holds: a file the input does not change is not rewritten
+
+
+def _write(name: str, content: bytes) -> None:
+    if _written.get(name) != content:
+        (workdir() / name).write_bytes(content)
+        _written[name] = content
 
 
 def seeds() -> list[bytes]:
@@ -48,13 +62,11 @@ def one_input(data: bytes) -> None:
         return
     files = dict(originals())
     files[TARGETS[data[0] % len(TARGETS)]] = data[1:]
-    work = workdir()
-    (work / "config.json").write_bytes(files["config.json"])
-    (work / "tokenizer.json").write_bytes(files["tokenizer.json"])
-    (work / "model.safetensors").write_bytes(struct.pack("<Q", len(files["header"])) + files["header"]
-                                             + files["payload"])
+    _write("config.json", files["config.json"])
+    _write("tokenizer.json", files["tokenizer.json"])
+    _write("model.safetensors", struct.pack("<Q", len(files["header"])) + files["header"] + files["payload"])
     try:
-        model = bgesmall.load(work, threads=1)
+        model = bgesmall.load(workdir(), threads=1)
     except (bgesmall.ModelLoadError, FileNotFoundError):
         return
     vectors = model.embed(["a fuzzed model still embeds"])
