@@ -22,9 +22,14 @@ TARGETS = ["config.json", "tokenizer.json", "header", "payload"]  # the first in
 
 
 @functools.lru_cache(maxsize=None)
+def original_safetensors() -> bytes:
+    return (small_checkpoint() / "model.safetensors").read_bytes()
+
+
+@functools.lru_cache(maxsize=None)
 def originals() -> dict[str, bytes]:
     folder = small_checkpoint()
-    st = (folder / "model.safetensors").read_bytes()
+    st = original_safetensors()
     (n,) = struct.unpack("<Q", st[:8])
     return {"config.json": (folder / "config.json").read_bytes(), "tokenizer.json": (folder / "tokenizer.json").read_bytes(),
             "header": st[8 : 8 + n], "payload": st[8 + n :]}
@@ -60,11 +65,13 @@ def one_input(data: bytes) -> None:
 
     if not data:
         return
+    target = TARGETS[data[0] % len(TARGETS)]
     files = dict(originals())
-    files[TARGETS[data[0] % len(TARGETS)]] = data[1:]
+    files[target] = data[1:]
     _write("config.json", files["config.json"])
     _write("tokenizer.json", files["tokenizer.json"])
-    _write("model.safetensors", struct.pack("<Q", len(files["header"])) + files["header"] + files["payload"])
+    _write("model.safetensors", struct.pack("<Q", len(files["header"])) + files["header"] + files["payload"]
+           if target in ("header", "payload") else original_safetensors())
     try:
         model = bgesmall.load(workdir(), threads=1)
     except (bgesmall.ModelLoadError, FileNotFoundError):
