@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import struct
 import sys
@@ -37,13 +38,31 @@ def originals() -> dict[str, bytes]:
 
 @functools.lru_cache(maxsize=None)
 def workdir() -> Path:
-    """The folder each input's model is written to: in memory (/dev/shm) where there is one, removed at exit."""
+    """The folder each input's model is written to: in memory (/dev/shm) where there is one, named by this process's
+    id. It is removed at exit, and, as libFuzzer ends the process without Python's exit handlers, by the next run:
+    a folder whose process is gone is removed here."""
     shm = Path("/dev/shm")
-    root = Path(tempfile.mkdtemp(prefix="bgesmall-fuzz-load-", dir=shm if shm.is_dir() else None))
+    base = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    for old in base.glob("bgesmall-fuzz-load-*"):
+        if not _running(old.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(old, ignore_errors=True)
+    root = base / f"bgesmall-fuzz-load-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     work = root / "model"
     shutil.copytree(small_checkpoint(), work)
     return work
+
+
+def _running(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):  # not a pid, or another user's process
+        return True
+    return True
 
 
 _written: dict[str, bytes] = {}  # what each file in workdir() holds: a file the input does not change is not rewritten
