@@ -52,3 +52,15 @@ def test_harness_runs_under_atheris(harness, tmp_path):
     runs = re.findall(r"Done (\d+) runs", proc.stderr)
     assert runs and int(runs[-1]) > 0, proc.stderr[-2000:]
     print(f"{harness}: {runs[-1]} executions in {SECONDS} s, no crash")
+
+
+def test_regression_corpus_reaches_every_entry_point():
+    # fuzz_text and fuzz_load send each input to one entry point (or one replaced file), chosen by its first byte:
+    # the regression corpus holds at least one input for each
+    import fuzz_load
+    import fuzz_text
+
+    text = {fuzz_text.op_of(p.read_bytes()[0]) for p in corpus("fuzz_text") if p.read_bytes()}
+    assert text == set(fuzz_text.OPS), sorted(set(fuzz_text.OPS) - text)
+    load = {fuzz_load.TARGETS[p.read_bytes()[0] % len(fuzz_load.TARGETS)] for p in corpus("fuzz_load") if p.read_bytes()}
+    assert load == set(fuzz_load.TARGETS), sorted(set(fuzz_load.TARGETS) - load)

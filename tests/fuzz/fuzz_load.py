@@ -7,7 +7,9 @@ loads must embed a text into one finite row.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import os
 import shutil
 import struct
 import sys
@@ -21,9 +23,14 @@ TARGETS = ["config.json", "tokenizer.json", "header", "payload"]  # the first in
 
 
 @functools.lru_cache(maxsize=None)
+def original_safetensors() -> bytes:
+    return (small_checkpoint() / "model.safetensors").read_bytes()
+
+
+@functools.lru_cache(maxsize=None)
 def originals() -> dict[str, bytes]:
     folder = small_checkpoint()
-    st = (folder / "model.safetensors").read_bytes()
+    st = original_safetensors()
     (n,) = struct.unpack("<Q", st[:8])
     return {"config.json": (folder / "config.json").read_bytes(), "tokenizer.json": (folder / "tokenizer.json").read_bytes(),
             "header": st[8 : 8 + n], "payload": st[8 + n :]}
@@ -31,9 +38,40 @@ def originals() -> dict[str, bytes]:
 
 @functools.lru_cache(maxsize=None)
 def workdir() -> Path:
-    work = Path(tempfile.mkdtemp(prefix="bgesmall-fuzz-load-")) / "model"
+    """The folder each input's model is written to: in memory (/dev/shm) where there is one, named by this process's
+    id. It is removed at exit, and, as libFuzzer ends the process without Python's exit handlers, by the next run:
+    a folder whose process is gone is removed here."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    for old in base.glob("bgesmall-fuzz-load-*"):
+        if not _running(old.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(old, ignore_errors=True)
+    root = base / f"bgesmall-fuzz-load-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    work = root / "model"
     shutil.copytree(small_checkpoint(), work)
     return work
+
+
+def _running(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):  # not a pid, or another user's process
+        return True
+    return True
+
+
+_written: dict[str, bytes] = {}  # what each file in workdir() holds: a file the input does not change is not rewritten
+
+
+def _write(name: str, content: bytes) -> None:
+    if _written.get(name) != content:
+        (workdir() / name).write_bytes(content)
+        _written[name] = content
 
 
 def seeds() -> list[bytes]:
@@ -46,15 +84,15 @@ def one_input(data: bytes) -> None:
 
     if not data:
         return
+    target = TARGETS[data[0] % len(TARGETS)]
     files = dict(originals())
-    files[TARGETS[data[0] % len(TARGETS)]] = data[1:]
-    work = workdir()
-    (work / "config.json").write_bytes(files["config.json"])
-    (work / "tokenizer.json").write_bytes(files["tokenizer.json"])
-    (work / "model.safetensors").write_bytes(struct.pack("<Q", len(files["header"])) + files["header"]
-                                             + files["payload"])
+    files[target] = data[1:]
+    _write("config.json", files["config.json"])
+    _write("tokenizer.json", files["tokenizer.json"])
+    _write("model.safetensors", struct.pack("<Q", len(files["header"])) + files["header"] + files["payload"]
+           if target in ("header", "payload") else original_safetensors())
     try:
-        model = bgesmall.load(work, threads=1)
+        model = bgesmall.load(workdir(), threads=1)
     except (bgesmall.ModelLoadError, FileNotFoundError):
         return
     vectors = model.embed(["a fuzzed model still embeds"])
