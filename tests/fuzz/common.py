@@ -54,6 +54,9 @@ def fuzz_main(one_input, imports=("bgesmall",)) -> None:
     # tokenizers' thread pool (rayon) costs more than it saves on a fuzz input's few short texts (71 against 34 us
     # for three of them), and keeps the other cores busy; the ids it returns are the same either way
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # every mutated config that loads is a new model shape, which bgesmall would measure and keep a plan for:
+    # those plans go to a temporary folder, not beside the source tree's numba cache
+    os.environ.setdefault("BGESMALL_PLAN_DIR", tempfile.mkdtemp(prefix="bgesmall-fuzz-plans-"))
     for name in imports:
         importlib.import_module(name)
     small_model()  # built (kernels compiled) before fuzzing starts, so that its cost is not an execution
