@@ -27,6 +27,7 @@ plan in memory. `BGESMALL_PLAN` (or `load(plan=...)`) forces choices instead of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -175,6 +176,17 @@ def plan_dir() -> Path:
 
 def fingerprint(cfg, threads: int) -> dict:
     """What a plan depends on: the CPU, the compilers and libraries, the kernels' code, the shapes, the threads."""
+    return {
+        **_process_fingerprint(),
+        "shapes": [cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers],
+        "threads": threads,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _process_fingerprint() -> dict:
+    # the part that cannot change while a process runs (3-5 ms to gather: kernel sources, /proc/cpuinfo, LLVM's
+    # host features), gathered once per process
     import llvmlite
     import numba
     import numpy as np
@@ -195,8 +207,6 @@ def fingerprint(cfg, threads: int) -> dict:
         "llvmlite": llvmlite.__version__,
         "numpy": np.__version__,
         "kernels": source.hexdigest()[:16],
-        "shapes": [cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers],
-        "threads": threads,
     }
 
 
