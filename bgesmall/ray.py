@@ -15,6 +15,9 @@ each actor checks their sha256 before it writes them to a local folder and loads
 the actor's CPUs as the engine's threads). A path every node sees can be given instead. An actor that dies is
 restarted and its batches retried (Ray Data's max_restarts / max_task_retries), so each row comes out once.
 
+`bgesmall embed --ray` (run_job here) is the resumable job folder of bgesmall.jobs with its shards embedded by
+one ShardActor per node: the driver reads the input and writes the shards and the manifest.
+
 This module is bgesmall.ray; `import ray` here is the real Ray (imports are absolute in Python 3).
 """
 
@@ -223,8 +226,10 @@ class RayShards:
             return
         if not ray.is_initialized():
             self.started_here = True
-            ray.init(address=None if self.address == "local" else self.address, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+            local = self.address == "local"  # a Ray of our own for this job: no dashboard on its cores
+            ray.init(address=None if local else self.address, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
+                     **({"include_dashboard": False} if local else {}))
         self.stats["connected"] = time.perf_counter() - self.start
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
