@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +185,14 @@ def test_cli_ray_job_killed_and_resumed_equals_an_uninterrupted_run(local_ray, t
 
     assert cli.main(args(out)) == 0  # complete: nothing to do (Ray not even reached)
     assert f"({rows} done by an earlier run)" in capsys.readouterr().err
+    other = tmp_path / "other-model"
+    shutil.copytree(minilm_dir, other)
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")
+    other_args = args(out)
+    other_args[other_args.index("--model") + 1] = str(other)
+    assert cli.main(other_args) == 1  # refused before Ray is reached
+    err = capsys.readouterr().err
+    assert "the model changed" in err and "files that differ: config.json" in err and "--overwrite" in err
     pq.write_table(table.slice(40, 20), tmp_path / "in" / "b.parquet")
     assert cli.main(args(out)) == 1
     err = capsys.readouterr().err
