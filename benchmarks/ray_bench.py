@@ -14,7 +14,7 @@
 
 Each Ray job is timed between two runs of `Model.embed` on the same rows, and compared with their mean.
 
-    python benchmarks/ray_bench.py                                 # ~12 minutes on 2 quiet cores
+    python benchmarks/ray_bench.py                                 # ~15 minutes on 2 quiet cores
     python benchmarks/ray_bench.py --ray-rows 1000 --rows 500      # quicker, noisier
 
 Texts: the corpus workload's paragraphs of CPython's language reference (benchmarks/workloads.py), repeated to
