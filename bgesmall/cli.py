@@ -195,7 +195,10 @@ def _tee(texts: Iterable[str], seen: list[str]) -> Iterator[str]:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from .precision import check_precision
+
     parser: argparse.ArgumentParser = args.subparser
+    check_precision(args.precision)  # a ValueError: one line, exit 1
     if _table_job(args):
         return _embed_table(args)
     if args.keep or args.strict or args.overwrite or args.shard_rows is not None:
@@ -264,19 +267,30 @@ def _embed_table(args: argparse.Namespace) -> int:
     if out is None or out.suffix.lower() not in (".parquet", ""):
         parser.error(f"--input {args.input} is read as a table: give --output FILE.parquet or --output FOLDER "
                      "(a resumable job)")
+    if args.ray is not None and out.suffix.lower() == ".parquet":
+        parser.error("--ray writes a resumable job folder: give --output FOLDER (not FILE.parquet)")
     if args.batch_size < 1 or (args.shard_rows is not None and args.shard_rows < 1):
         parser.error("--batch-size and --shard-rows must be at least 1")
     keep = tuple(k.strip() for k in args.keep.split(",") if k.strip()) if args.keep else None
     opts = EmbedOptions(field=args.field or "text", query=args.query, strict=args.strict, keep=keep)
+    from . import jobs
+
+    settings = jobs.JobSettings(shard_rows=args.shard_rows or jobs.DEFAULT_SHARD_ROWS, batch_size=args.batch_size,
+                                precision=args.precision)
     try:
         if args.ray is not None:
-            return _embed_on_ray(args, opts, out)
-        return _embed_table_here(args, opts, out)
+            return _embed_on_ray(args, opts, out, settings)
+        return _embed_table_here(args, opts, out, settings)
     except TableError as e:
         raise CLIError(str(e)) from None
 
 
-def _embed_table_here(args: argparse.Namespace, opts, out: Path) -> int:
+def _job_said(summary, out: Path) -> str:
+    resumed = f" ({summary.resumed_rows} done by an earlier run)" if summary.resumed_rows else ""
+    return f"{summary.shards} shard(s) in {out}{resumed}{summary.nulls_said()}"
+
+
+def _embed_table_here(args: argparse.Namespace, opts, out: Path, settings) -> int:
     from . import jobs
     from .parquet_io import Input
 
@@ -292,23 +306,20 @@ def _embed_table_here(args: argparse.Namespace, opts, out: Path) -> int:
         print(f"{PROG} embed: wrote {summary.rows} embeddings x {model.dim} to {out}{summary.nulls_said()}",
               file=sys.stderr)
         return 0
-    settings = jobs.JobSettings(shard_rows=args.shard_rows or jobs.DEFAULT_SHARD_ROWS, batch_size=args.batch_size)
     summary = jobs.run_job(model, inp, out, opts, settings, overwrite=args.overwrite, progress=not args.quiet)
-    resumed = f" ({summary.resumed_rows} done by an earlier run)" if summary.resumed_rows else ""
-    print(f"{PROG} embed: {summary.rows} embeddings x {model.dim} in {summary.shards} shard(s) in {out}{resumed}"
-          f"{summary.nulls_said()}", file=sys.stderr)
+    print(f"{PROG} embed: {summary.rows} embeddings x {model.dim} in {_job_said(summary, out)}", file=sys.stderr)
     return 0
 
 
-def _embed_on_ray(args: argparse.Namespace, opts, out: Path) -> int:
+def _embed_on_ray(args: argparse.Namespace, opts, out: Path, settings) -> int:
     try:
         from . import ray as bgesmall_ray
     except ImportError as e:
         raise CLIError(f"--ray needs Ray Data, which is not installed ({e}): pip install 'bgesmall[ray]'") from None
     summary = bgesmall_ray.run_job(args.input, out, opts, model_dir=args.model, address=args.ray,
-                                   model_path_shared=args.model_shared, batch_size=args.batch_size)
-    print(f"{PROG} embed: {summary['rows']} embeddings in {out} on Ray ({summary['null_rows']} without a text)",
-          file=sys.stderr)
+                                   model_path_shared=args.model_shared, settings=settings, overwrite=args.overwrite,
+                                   progress=not args.quiet)
+    print(f"{PROG} embed: {summary.rows} embeddings on Ray in {_job_said(summary, out)}", file=sys.stderr)
     return 0
 
 
@@ -572,7 +583,7 @@ EPILOGS = {
   bgesmall embed --model path/to/all-MiniLM-L6-v2 "any BERT checkpoint folder"
   bgesmall embed --input docs.parquet --field text --keep id,url --output vectors.parquet
   bgesmall embed --input 'docs/*.parquet' --output vectors/       # resumable: run it again after a kill
-  bgesmall embed --ray auto --input 'docs/*.parquet' --output vectors/   # on a Ray cluster
+  bgesmall embed --ray auto --input 'docs/*.parquet' --output vectors/   # on a Ray cluster; resumable too
 
 Large inputs are streamed in chunks of --batch-size texts (bounded memory, input order kept). A .jsonl or
 .ndjson input uses --field text unless told otherwise. Output rows are L2-normalized float32.""",
@@ -634,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", metavar="NAME", help="read JSONL input and embed this field of each record")
     p.add_argument("--output", "-o", metavar="FILE", help="write FILE.npy (float32 [n, dim]), FILE.jsonl or FILE.json")
     p.add_argument("--query", action="store_true", help="embed as search queries (prepends BGE's instruction)")
+    p.add_argument("--precision", default="fp32", metavar="TIER",
+                   help="numeric tier: fp32, the exact engine (the only one in this build; default)")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="texts per chunk (default 256)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     # tables and jobs (bgesmall.jobs, bgesmall.ray): --input FILE.parquet|FOLDER|'GLOB', --output FILE.parquet|FOLDER
@@ -641,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "beside the embedding (default: all)")
     p.add_argument("--strict", action="store_true", help="a row without a text is an error (default: a null "
                                                           "embedding, counted in the summary)")
-    p.add_argument("--overwrite", action="store_true", help="job folder: delete its shards and start over")
+    p.add_argument("--overwrite", action="store_true", help="job folder (with or without --ray): delete its shards "
+                                                             "and start over")
     p.add_argument("--shard-rows", type=int, default=None, metavar="N",
                    help="job folder: rows per shard (default 10000)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",

@@ -61,6 +61,11 @@ def with_embedding(batch, vectors: np.ndarray, valid: np.ndarray, opts: EmbedOpt
     return pa.RecordBatch.from_arrays(arrays, names=names + [opts.output_column])
 
 
+def empty_output(model, batch, opts: EmbedOptions):
+    """A batch with no rows -> the output's columns and no rows (what an empty input gives)."""
+    return with_embedding(batch, np.zeros((0, model.dim), np.float32), np.zeros(0, bool), opts)
+
+
 def embed_batch(model, batch, opts: EmbedOptions, where: Callable[[int], str] = lambda i: f"row {i}"):
     """[n] rows -> ([n] rows with the embedding column, the indices of rows without a text).
 

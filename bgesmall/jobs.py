@@ -8,6 +8,10 @@ input, model, precision or settings differ from the manifest's is refused, with 
 Every shard's rows are embedded in chunks of `batch_size` rows counted from the shard's first row, one model
 call per chunk: the grouping depends on the shard's rows alone, so a resumed job's vectors are bit for bit those
 of a job never interrupted.
+
+Who embeds the shards is a `Shards` engine: `HereShards` (this process, `run_job`) or bgesmall.ray's actors
+(`bgesmall embed --ray`). Either way this process reads the input, plans the shards, writes each one (temporary
+name, fsync, rename) in order and keeps the manifest: `run_shards` is the one implementation of the folder.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from . import __version__
-from .columns import EmbedOptions, check_keep, embed_batch, with_embedding
+from .columns import EmbedOptions, check_keep, embed_batch, empty_output
 from .fingerprint import combined, model_file_hashes
 from .parquet_io import (Input, ParquetStream, TableError, commit, conform, part_name, pyarrow,
                          write_table_atomically)
+from .precision import DEFAULT as DEFAULT_PRECISION, check_precision
 from .progress import Progress
 
 MANIFEST = "manifest.json"
@@ -60,8 +65,13 @@ class Summary:
 
 
 def model_identity(model) -> dict:
-    hashes = model_file_hashes(model.path)
-    return {"name": model.name, "fingerprint": combined(hashes), "files": hashes}
+    return folder_identity(model.path, model.name)
+
+
+def folder_identity(folder: Path, name: str) -> dict:
+    """The model as a job's manifest records it: its name and the sha256 of the files that decide its vectors."""
+    hashes = model_file_hashes(folder)
+    return {"name": name, "fingerprint": combined(hashes), "files": hashes}
 
 
 def _chunks(inp: Input, start: int, rows: int) -> Iterator:
@@ -80,19 +90,21 @@ def _chunks(inp: Input, start: int, rows: int) -> Iterator:
         yield pa.Table.from_batches(held)
 
 
-def _embed_rows(model, table, opts: EmbedOptions, where: Callable[[int], str], first_row: int,
-                batch_size: int, summary: Summary, bar: Progress) -> list:
-    """[k] rows -> record batches with the embedding, one model call per `batch_size` rows from the table's start."""
-    out = []
+def embed_shard(model, table, opts: EmbedOptions, where: Callable[[int], str], first_row: int, batch_size: int,
+                on_rows: Callable[[int], None] = lambda n: None) -> tuple[list, list[int]]:
+    """[k] rows (global rows first_row...) -> (record batches with the embedding, the global rows without a text).
+
+    One model call per `batch_size` rows counted from the table's first row: the vectors depend on its rows alone."""
+    out, missing = [], []
     for offset in range(0, table.num_rows, batch_size):
         part = table.slice(offset, batch_size).combine_chunks().to_batches()
         if not part:
             continue
-        batch, missing = embed_batch(model, part[0], opts, lambda i: where(first_row + offset + i))
-        summary.note_missing(where, [first_row + offset + i for i in missing])
+        batch, absent = embed_batch(model, part[0], opts, lambda i: where(first_row + offset + i))
+        missing += [first_row + offset + i for i in absent]
         out.append(batch)
-        bar.update(batch.num_rows)
-    return out
+        on_rows(batch.num_rows)
+    return out, missing
 
 
 # ---- one file ----
@@ -106,11 +118,13 @@ def embed_to_file(model, inp: Input, out: Path, opts: EmbedOptions, *, batch_siz
     bar = Progress(inp.total_rows, enabled=progress, unit="rows")
     try:
         for table in _chunks(inp, 0, batch_size):
-            for batch in _embed_rows(model, table, opts, inp.where, summary.rows, batch_size, summary, bar):
+            batches, missing = embed_shard(model, table, opts, inp.where, summary.rows, batch_size, bar.update)
+            summary.note_missing(inp.where, missing)
+            for batch in batches:
                 writer.write(batch)
                 summary.rows += batch.num_rows
         if writer.writer is None:  # no rows: an empty file with the output's columns
-            writer.write(_empty_output(model, inp, opts))
+            writer.write(empty_output(model, inp.empty_batch(), opts))
         writer.close()
     except BaseException:
         writer.abort()
@@ -121,13 +135,6 @@ def embed_to_file(model, inp: Input, out: Path, opts: EmbedOptions, *, batch_siz
     return summary
 
 
-def _empty_output(model, inp: Input, opts: EmbedOptions):
-    import numpy as np
-
-    empty = inp.empty_batch()
-    return with_embedding(empty, np.zeros((0, model.dim), np.float32), np.zeros(0, bool), opts)
-
-
 # ---- a resumable folder of shards ----
 
 
@@ -135,18 +142,22 @@ def _empty_output(model, inp: Input, opts: EmbedOptions):
 class JobSettings:
     shard_rows: int = DEFAULT_SHARD_ROWS
     batch_size: int = 256
+    precision: str = DEFAULT_PRECISION  # the numeric tier (bgesmall.precision): only "fp32" is built
+
+    def __post_init__(self):
+        check_precision(self.precision)
 
 
 def shard_path(folder: Path, index: int) -> Path:
     return folder / f"part-{index:06d}.parquet"
 
 
-def job_identity(model, inp: Input, opts: EmbedOptions, settings: JobSettings) -> dict:
-    """What a resumed job must share with the one that started the folder."""
+def job_identity(model: dict, inp: Input, opts: EmbedOptions, settings: JobSettings) -> dict:
+    """What a resumed job must share with the one that started the folder (`model`: a folder_identity)."""
     return {
         "input": inp.fingerprint(),
-        "model": model_identity(model),
-        "precision": getattr(model, "precision", "fp32"),
+        "model": model,
+        "precision": settings.precision,
         "query": opts.query,
         "keep": list(opts.keep) if opts.keep is not None else None,
         "output_column": opts.output_column,
@@ -269,12 +280,48 @@ class JobFolder:
         return shards
 
 
+class Shards(Protocol):
+    """Who embeds a job's shards. `embed` yields, for each (first global row, table) it is given and in that
+    order, (record batches with the embedding, the global rows without a text), calling on_rows(n) as rows are
+    done; it may read ahead (several shards at work at once). `empty` is a no-row output with the columns."""
+
+    def model_identity(self) -> dict: ...
+
+    def embed(self, shards: Iterator, opts: EmbedOptions, settings: JobSettings, where: Callable[[int], str],
+              on_rows: Callable[[int], None]) -> Iterator[tuple[list, list[int]]]: ...
+
+    def empty(self, inp: Input, opts: EmbedOptions, settings: JobSettings): ...
+
+
+class HereShards:
+    """The shards embedded in this process, one after another."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def model_identity(self) -> dict:
+        return model_identity(self.model)
+
+    def embed(self, shards, opts, settings, where, on_rows):
+        for first_row, table in shards:
+            yield embed_shard(self.model, table, opts, where, first_row, settings.batch_size, on_rows)
+
+    def empty(self, inp, opts, settings):
+        return empty_output(self.model, inp.empty_batch(), opts)
+
+
 def run_job(model, inp: Input, folder: Path, opts: EmbedOptions, settings: JobSettings = JobSettings(), *,
             overwrite: bool = False, progress: bool = True) -> Summary:
     """Embed the input into `folder` as shards, continuing after the last complete shard of an earlier run."""
+    return run_shards(HereShards(model), inp, folder, opts, settings, overwrite=overwrite, progress=progress)
+
+
+def run_shards(engine: Shards, inp: Input, folder: Path, opts: EmbedOptions, settings: JobSettings = JobSettings(),
+               *, overwrite: bool = False, progress: bool = True) -> Summary:
+    """run_job with the shards embedded by `engine`; this process reads, plans, writes and keeps the manifest."""
     check_keep(inp.empty_batch().schema, opts.keep)
     job = JobFolder(folder)
-    identity = job_identity(model, inp, opts, settings)
+    identity = job_identity(engine.model_identity(), inp, opts, settings)
     manifest = job.prepare(overwrite)
     if manifest is not None:
         changed = differences(manifest["job"], identity)
@@ -302,19 +349,19 @@ def run_job(model, inp: Input, folder: Path, opts: EmbedOptions, settings: JobSe
         total = inp.total_rows
         bar = Progress(total, enabled=progress, unit="rows", initial=summary.rows)
         try:
-            for table in _chunks(inp, summary.rows, settings.shard_rows):
-                nulls_before = summary.null_rows
-                batches = _embed_rows(model, table, opts, inp.where, summary.rows, settings.batch_size, summary, bar)
+            tables = _shard_tables(inp, summary.rows, settings.shard_rows)
+            for batches, missing in engine.embed(tables, opts, settings, inp.where, bar.update):
+                rows = sum(b.num_rows for b in batches)
+                summary.note_missing(inp.where, missing)
                 path = shard_path(folder, summary.shards)
-                _write_shard(path, batches, summary.null_rows - nulls_before, _first_schema(folder), summary.rows)
+                _write_shard(path, batches, len(missing), _first_schema(folder), summary.rows)
                 summary.shards += 1
-                summary.rows += table.num_rows
-                shard_list.append({"file": path.name, "rows": table.num_rows,
-                                   "null_rows": summary.null_rows - nulls_before})
+                summary.rows += rows
+                shard_list.append({"file": path.name, "rows": rows, "null_rows": len(missing)})
                 save(False)
             if summary.shards == 0:  # an empty input: one empty shard, so readers see the columns
                 path = shard_path(folder, 0)
-                _write_shard(path, [_empty_output(model, inp, opts)], 0)
+                _write_shard(path, [engine.empty(inp, opts, settings)], 0)
                 summary.shards = 1
                 shard_list.append({"file": path.name, "rows": 0, "null_rows": 0})
             save(True)
@@ -325,6 +372,13 @@ def run_job(model, inp: Input, folder: Path, opts: EmbedOptions, settings: JobSe
                        "kept: fix the cause (e.g. free disk space) and run the same command again to continue") from None
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _shard_tables(inp: Input, start: int, shard_rows: int) -> Iterator:
+    """(first global row, table) of each shard from global row `start` on."""
+    for table in _chunks(inp, start, shard_rows):
+        yield start, table
+        start += table.num_rows
 
 
 def _first_schema(folder: Path):

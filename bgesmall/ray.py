@@ -15,6 +15,9 @@ each actor checks their sha256 before it writes them to a local folder and loads
 the actor's CPUs as the engine's threads). A path every node sees can be given instead. An actor that dies is
 restarted and its batches retried (Ray Data's max_restarts / max_task_retries), so each row comes out once.
 
+`bgesmall embed --ray` (run_job here) is the resumable job folder of bgesmall.jobs with its shards embedded by
+one ShardActor per node: the driver reads the input and writes the shards and the manifest.
+
 This module is bgesmall.ray; `import ray` here is the real Ray (imports are absolute in Python 3).
 """
 
@@ -23,15 +26,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 import ray.data
 
-from .columns import EMBEDDING, EmbedOptions, embed_batch, with_embedding
+from .columns import EMBEDDING, EmbedOptions, embed_batch, empty_output
 from .fingerprint import combined, model_file_hashes, model_file_names, sha256_bytes
-from .parquet_io import TableError, input_files, kind_of, pyarrow
+from .parquet_io import TableError, pyarrow
+from .precision import DEFAULT as DEFAULT_PRECISION, check_precision
 
 DEFAULT_BATCH_ROWS = 256  # rows per map_batches call: ~3-4 s of work per core, small against Ray's overhead
 
@@ -96,9 +101,11 @@ class Embedder:
     """A Ray Data callable class: pyarrow table in, the same rows with the embedding column out."""
 
     def __init__(self, model: ModelBundle | str | None = None, column: str = "text", output_column: str = EMBEDDING,
-                 query: bool = False, strict: bool = False, keep: list[str] | None = None, threads: int | None = None):
+                 query: bool = False, strict: bool = False, keep: list[str] | None = None, threads: int | None = None,
+                 precision: str = DEFAULT_PRECISION):
         import bgesmall
 
+        self.precision = check_precision(precision)  # before anything is loaded
         folder = model.materialize() if isinstance(model, ModelBundle) else model
         self.model = bgesmall.load(folder, threads=threads or _actor_cpus())
         self.opts = EmbedOptions(field=column, output_column=output_column, query=query, strict=strict,
@@ -108,17 +115,15 @@ class Embedder:
         pa, _ = pyarrow()
         batches = table.combine_chunks().to_batches()
         if not batches:
-            import numpy as np
-
-            empty = pa.RecordBatch.from_pylist([], schema=table.schema)
-            out = with_embedding(empty, np.zeros((0, self.model.dim), np.float32), np.zeros(0, bool), self.opts)
+            out = empty_output(self.model, pa.RecordBatch.from_pylist([], schema=table.schema), self.opts)
         else:
             out, _ = embed_batch(self.model, batches[0], self.opts)
         return pa.Table.from_batches([out])
 
 
 def embed_dataset(ds: "ray.data.Dataset", column: str = "text", output_column: str = EMBEDDING, model=None,
-                  query: bool = False, *, strict: bool = False, keep: list[str] | None = None,
+                  query: bool = False, precision: str = DEFAULT_PRECISION, *, strict: bool = False,
+                  keep: list[str] | None = None,
                   batch_size: int = DEFAULT_BATCH_ROWS, concurrency: int | None = None, num_cpus: float | None = None,
                   threads: int | None = None, model_path_shared: bool = False):
     """The dataset with an embedding column added (lazy, as Ray Data is).
@@ -128,7 +133,9 @@ def embed_dataset(ds: "ray.data.Dataset", column: str = "text", output_column: s
     the node's CPUs (num_cpus), so that Ray Data's read and write tasks can be scheduled beside it (an actor
     holding every CPU starves them, and the job never starts), and running one engine thread per core of the
     node (threads), since those tasks mostly wait on I/O. Ray Data restarts a dead actor and retries its batches
-    (its defaults max_restarts=-1, max_task_retries=-1)."""
+    (its defaults max_restarts=-1, max_task_retries=-1). precision: "fp32", the only tier built (bgesmall.precision);
+    another value is refused here, before anything starts."""
+    check_precision(precision)
     if isinstance(model, ModelBundle):
         bundle = model
     else:
@@ -149,7 +156,7 @@ def embed_dataset(ds: "ray.data.Dataset", column: str = "text", output_column: s
     return ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"model": bundle, "column": column, "output_column": output_column, "query": query,
-                               "strict": strict, "keep": keep, "threads": threads},
+                               "strict": strict, "keep": keep, "threads": threads, "precision": precision},
         batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
     )
@@ -157,36 +164,170 @@ def embed_dataset(ds: "ray.data.Dataset", column: str = "text", output_column: s
 
 # ---- the CLI's job: bgesmall embed --ray [ADDRESS] --input 'docs/*.parquet' --output vectors/ ----
 
+IN_FLIGHT_PER_ACTOR = 2  # shards queued at an actor: the next one is there when it finishes one
+AHEAD_PER_ACTOR = 4  # shards at work or done but not yet written (a later one waits for an earlier one)
+
+
+class ShardActor:
+    """A Ray actor embedding whole shards, as bgesmall.jobs does on one machine (chunks of batch_size rows
+    counted from the shard's first row), with the model an Embedder loads.
+
+    The model comes with each call and is loaded by the first: a restarted actor loads it again from the call Ray
+    retries (constructor arguments holding object refs would have to outlive the job for a restart to work)."""
+
+    def __init__(self, opts: EmbedOptions, batch_size: int, where, precision: str, threads: int | None = None):
+        self.opts, self.batch_size, self.where = opts, batch_size, where
+        self.precision, self.threads = precision, threads
+        self.embedder: Embedder | None = None
+
+    def load(self, model: ModelBundle) -> int:
+        if self.embedder is None:
+            opts = self.opts
+            self.embedder = Embedder(model=model, column=opts.field, output_column=opts.output_column,
+                                     query=opts.query, strict=opts.strict, threads=self.threads,
+                                     keep=list(opts.keep) if opts.keep is not None else None, precision=self.precision)
+        return os.getpid()
+
+    def embed(self, model: ModelBundle, first_row: int, table) -> tuple[list, list[int]]:
+        from .jobs import embed_shard
+
+        self.load(model)
+        return embed_shard(self.embedder.model, table, self.embedder.opts, self.where, first_row, self.batch_size)
+
+    def empty(self, model: ModelBundle, batch):
+        self.load(model)
+        return empty_output(self.embedder.model, batch, self.embedder.opts)
+
+
+class RayShards:
+    """A job's shards embedded by one ShardActor per node of the cluster (holding all its CPUs, one engine thread
+    per core), several shards at once; results come back in shard order, to be written by this process.
+
+    Ray is reached (ray.init) only when there is something to embed: a complete job starts nothing. A killed actor
+    is restarted and its shards retried (max_restarts / max_task_retries -1); the shard is written once, here."""
+
+    def __init__(self, model_dir: Path, *, address: str = "local", model_path_shared: bool = False,
+                 stats: dict | None = None):
+        from .model import ModelFiles
+
+        self.folder = ModelFiles.in_folder(model_dir).folder.absolute()
+        self.address, self.shared = address, model_path_shared
+        self.stats = stats if stats is not None else {}
+        self.started_here, self.actors, self.bundle = False, [], None
+        self.start = time.perf_counter()
+
+    def model_identity(self) -> dict:
+        from .jobs import folder_identity
+
+        return folder_identity(self.folder, self.folder.name)
+
+    def _connect(self, opts: EmbedOptions, batch_size: int, where, precision: str) -> None:
+        if self.actors:
+            return
+        if not ray.is_initialized():
+            self.started_here = True
+            local = self.address == "local"  # a Ray of our own for this job: no dashboard on its cores
+            ray.init(address=None if local else self.address, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
+                     **({"include_dashboard": False} if local else {}))
+        self.stats["connected"] = time.perf_counter() - self.start
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.bundle = ModelBundle.from_folder(self.folder, shared=self.shared)
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+        actor_class = ray.remote(ShardActor)
+        for node in nodes:
+            cpus = int(node["Resources"]["CPU"])
+            self.actors.append(actor_class.options(
+                num_cpus=cpus, max_restarts=-1, max_task_retries=-1,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=True),
+            ).remote(opts, batch_size, where, precision, cpus))
+        # a model that cannot load is said now, once
+        self.stats["actor_pids"] = _get([a.load.remote(self.bundle) for a in self.actors])
+        self.stats["actors_ready"] = time.perf_counter() - self.start
+
+    def embed(self, shards, opts, settings, where, on_rows):
+        self._connect(opts, settings.batch_size, where, settings.precision)
+        ahead = AHEAD_PER_ACTOR * len(self.actors)
+        queued = {a: 0 for a in range(len(self.actors))}
+        at_work: dict = {}  # ObjectRef -> (shard number in this run, actor index)
+        done: dict = {}  # shard number -> ObjectRef, finished
+        submitted = written = 0
+        shards = iter(shards)
+        more = True
+        while True:
+            while more and submitted - written < ahead and min(queued.values()) < IN_FLIGHT_PER_ACTOR:
+                item = next(shards, None)
+                if item is None:
+                    more = False
+                    break
+                actor = min(queued, key=queued.get)
+                first_row, table = item
+                at_work[self.actors[actor].embed.remote(self.bundle, first_row, table)] = (submitted, actor)
+                queued[actor] += 1
+                submitted += 1
+            if written in done:
+                batches, missing = _get(done.pop(written))
+                written += 1
+                if "first_shard" not in self.stats:
+                    self.stats["first_shard"] = time.perf_counter() - self.start
+                on_rows(sum(b.num_rows for b in batches))
+                yield batches, missing
+                continue
+            if not at_work:
+                return
+            finished, _ = ray.wait(list(at_work), num_returns=1)
+            number, actor = at_work.pop(finished[0])
+            queued[actor] -= 1
+            done[number] = finished[0]
+
+    def empty(self, inp, opts, settings):
+        self._connect(opts, settings.batch_size, inp.where, settings.precision)
+        return _get(self.actors[0].empty.remote(self.bundle, inp.empty_batch()))
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self.started_here:
+            ray.shutdown()
+
+
+def _get(refs):
+    """ray.get, with a TableError raised in an actor (a row without a text under --strict, a missing column)
+    said as it is."""
+    try:
+        return ray.get(refs)
+    except Exception as e:
+        cause = _cause(e)
+        if isinstance(cause, TableError):
+            raise TableError(str(cause)) from None
+        raise
+
 
 def run_job(input_spec: str, out: Path, opts: EmbedOptions, *, model_dir: str | None, address: str,
-            model_path_shared: bool = False, batch_size: int = DEFAULT_BATCH_ROWS) -> dict:
-    """Read Parquet input, embed it on the cluster, write a folder of Parquet files: -> {rows, null_rows}."""
-    files = input_files(input_spec)
-    if any(kind_of(p) != "parquet" for p in files):
-        raise TableError("--ray reads Parquet input (a file, a folder or a glob of .parquet files)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TableError(f"--output {out}: not an empty folder; Ray writes a new folder of Parquet files")
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=None if address == "local" else address, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+            model_path_shared: bool = False, settings=None, overwrite: bool = False, progress: bool = True,
+            stats: dict | None = None):
+    """The resumable job of bgesmall.jobs (a folder of shards and a manifest; run again after a kill, it
+    continues after the last complete shard), its shards embedded on a Ray cluster: -> a jobs.Summary.
+
+    This process reads the input and writes the shards, so the workers need neither on their disks.
+    `stats` (if given) gets seconds from the start: connected (Ray reached), actors_ready (models loaded),
+    first_shard (the first shard back); and actor_pids, the actors' process ids (for benchmarks and tests)."""
+    from . import jobs
+    from .parquet_io import Input
+
+    settings = settings or jobs.JobSettings()
+    inp = Input.open(input_spec, opts.field)
+    if model_dir is None:
+        from .locate import find_model_dir
+
+        model_dir = find_model_dir()
+    engine = RayShards(Path(model_dir), address=address, model_path_shared=model_path_shared, stats=stats)
     try:
-        ds = ray.data.read_parquet([str(p.absolute()) for p in files])
-        ds = embed_dataset(ds, column=opts.field, output_column=opts.output_column, model=model_dir,
-                           query=opts.query, strict=opts.strict, keep=list(opts.keep) if opts.keep else None,
-                           batch_size=batch_size, model_path_shared=model_path_shared)
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
-        try:
-            ds.write_parquet(str(out.absolute()))
-        except Exception as e:
-            cause = _cause(e)
-            if isinstance(cause, TableError):
-                raise TableError(str(cause)) from None
-            raise
+        return jobs.run_shards(engine, inp, out, opts, settings, overwrite=overwrite, progress=progress)
     finally:
-        if started_here:
-            ray.shutdown()
-    return count_output(out, opts.output_column)
+        engine.close()
 
 
 def _cause(e: BaseException) -> BaseException | None:

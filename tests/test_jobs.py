@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 # The parquet extra is part of the test extra: without it these tests fail at import, they are not skipped.
 import pyarrow as pa  # noqa: E402
@@ -301,3 +302,20 @@ def test_jsonl_records_whose_types_drift_between_shards(tmp_path, minilm_dir, ca
     assert cli.main(job_args(minilm_dir, tmp_path / "b.jsonl", tmp_path / "b")) == 1
     assert "column 'n' is string from row 12 on, but null before" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [jobs.MANIFEST, "part-000000.parquet"]
+
+
+def test_precision_is_fp32_or_a_one_line_error_naming_it(tmp_path, minilm_dir, capsys):
+    write_docs(tmp_path / "docs.parquet", range(10))
+    job = tmp_path / "job"
+    for where in (["a text"], ["-i", tmp_path / "docs.parquet", "-o", job]):  # plain embed, and a job folder
+        r = subprocess.run([sys.executable, "-m", "bgesmall.cli", "embed", "--model", str(minilm_dir), *map(str, where),
+                            "--precision", "bf16"], capture_output=True, text=True, env=env(), timeout=120)
+        assert r.returncode == 1 and r.stdout == "", r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+        assert r.stderr.startswith("bgesmall embed: precision 'bf16' is not available")
+        assert "only the exact float32 tier ('fp32')" in r.stderr and "AVX512_BF16" in r.stderr
+    assert not job.exists()  # refused before anything was written
+    assert embed(["-i", tmp_path / "docs.parquet", "-o", job, "--precision", "fp32"], minilm_dir) == 0
+    assert json.loads((job / jobs.MANIFEST).read_text())["job"]["precision"] == "fp32"
+    with pytest.raises(ValueError, match="precision 'fp16' is not available"):
+        jobs.JobSettings(precision="fp16")

@@ -5,8 +5,11 @@ Slow (Ray starts its processes: ~15-30 s per cluster): marked `ray`; `pytest -m 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -21,8 +24,9 @@ import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 import ray.data  # noqa: E402, F401
 
-from bgesmall import cli  # noqa: E402
+from bgesmall import cli, jobs  # noqa: E402
 from bgesmall import ray as bray  # noqa: E402
+from test_jobs import assert_only_whole_files, env, killed, vectors  # the one-machine job's kill harness
 
 pytestmark = pytest.mark.ray
 
@@ -103,18 +107,106 @@ def test_an_actor_killed_mid_job_is_restarted_and_every_row_comes_out_once(local
     check(out, table, minilm, 200)
 
 
-def test_cli_ray_job_writes_a_folder_of_parquet(local_ray, tmp_path, minilm_dir, minilm, capsys):
-    table = docs(40)
+class Outside(threading.Thread):
+    """Kills, with SIGKILL, the first of `pids()` once `ready()` holds; records what it killed and how many of
+    `folder`'s shards were complete by then."""
+
+    def __init__(self, pids, ready, folder):
+        super().__init__()
+        self.pids, self.ready, self.folder, self.killed, self.shards_then = pids, ready, folder, None, None
+
+    def run(self):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.killed is None:
+            if self.ready() and self.pids():
+                self.killed = self.pids()[0]
+                os.kill(self.killed, signal.SIGKILL)
+                self.shards_then = len([p for p in self.folder.iterdir() if jobs.SHARD_RE.match(p.name)])
+            time.sleep(0.005)
+
+
+def test_cli_ray_job_killed_and_resumed_equals_an_uninterrupted_run(local_ray, tmp_path, minilm_dir, minilm,
+                                                                     capsys):
+    """The Ray job is a resumable job folder: its driver killed (SIGKILL) during a shard's write and from outside,
+    its actor killed while resuming; the output holds every row once, in order, bit for bit an uninterrupted run's."""
+    rows, shards = 96, 16
+    texts = [None if i % 13 == 5 else f"passage {i}: " + "ray data embeds a corpus " * (6 + i % 5) for i in range(rows)]
+    table = pa.table({"id": list(range(rows)), "text": texts})
     (tmp_path / "in").mkdir()
-    pq.write_table(table.slice(0, 25), tmp_path / "in" / "a.parquet")
-    pq.write_table(table.slice(25), tmp_path / "in" / "b.parquet")
-    out = tmp_path / "vectors"
-    assert cli.main(["embed", "--ray", "--model", str(minilm_dir), "-i", str(tmp_path / "in" / "*.parquet"),
-                     "-o", str(out)]) == 0
-    assert "40 embeddings" in capsys.readouterr().err
-    check(pq.read_table(out), table, minilm, 40)
-    assert cli.main(["embed", "--ray", "--model", str(minilm_dir), "-i", str(tmp_path / "in"), "-o", str(out)]) == 1
-    assert "not an empty folder" in capsys.readouterr().err
+    pq.write_table(table.slice(0, 40), tmp_path / "in" / "a.parquet", row_group_size=7)
+    pq.write_table(table.slice(40), tmp_path / "in" / "b.parquet", row_group_size=7)
+    src = str(tmp_path / "in" / "*.parquet")
+    opts, settings = bray.EmbedOptions(), jobs.JobSettings(shard_rows=6, batch_size=4)
+
+    def args(out, *more):  # the CLI: a driver of its own on the fixture's cluster, or this process's Ray
+        return ["embed", "--ray", *more, "--model", str(minilm_dir), "-q", "-i", src, "-o", str(out),
+                "--shard-rows", "6", "--batch-size", "4"]
+
+    assert cli.main(args(tmp_path / "whole")) == 0
+    assert f"{rows} embeddings on Ray in {shards} shard(s)" in capsys.readouterr().err
+    whole = jobs.read_job(tmp_path / "whole")
+    assert whole.column("id").to_pylist() == list(range(rows))  # in input order
+    check(whole, table, minilm, rows)
+
+    out = tmp_path / "resumed"
+    driver_args = args(out, ray.get_runtime_context().gcs_address)
+    killed("mid-shard-write", 3, driver_args, tmp_path)  # shard 3's bytes in its temporary file, not yet renamed
+    assert {p.name for p in out.iterdir()} == {jobs.MANIFEST, ".part-000003.parquet.part",
+                                               *(f"part-00000{i}.parquet" for i in range(3))}
+    assert_only_whole_files(out)
+    driver = subprocess.Popen([sys.executable, "-m", "bgesmall.cli", *driver_args], cwd=tmp_path, env=env(),
+                              stderr=subprocess.PIPE)  # killed from outside, wherever it is after shard 5
+    driver_killer = Outside(lambda: [driver.pid], lambda: (out / "part-000005.parquet").exists(), out)
+    driver_killer.start()
+    driver_killer.join()
+    assert driver.wait() == -signal.SIGKILL, driver.stderr.read().decode()
+    assert_only_whole_files(out)
+    written = len(jobs.JobFolder(out).complete_shards(6))
+    assert 6 <= written < shards - 3
+
+    # the same job again, its actor killed once it has written two more shards: restarted, its shards retried
+    stats: dict = {}
+    actor_killer = Outside(lambda: stats.get("actor_pids"),
+                           lambda: jobs.shard_path(out, written + 1).exists(), out)
+    actor_killer.start()
+    summary = bray.run_job(src, out, opts, model_dir=str(minilm_dir), address="local", settings=settings,
+                           progress=False, stats=stats)
+    actor_killer.join()
+    assert actor_killer.killed and actor_killer.shards_then < shards - 1, "killed too late to tell"
+    assert summary.rows == rows and summary.resumed_rows == 6 * written
+    resumed = jobs.read_job(out)
+    assert resumed.column("id").to_pylist() == list(range(rows))
+    assert resumed.drop_columns(["embedding"]).equals(whole.drop_columns(["embedding"]))
+    assert np.array_equal(vectors(resumed), vectors(whole), equal_nan=True)  # bit for bit
+    manifest = json.loads((out / jobs.MANIFEST).read_text())
+    assert manifest["complete"] and manifest["rows"] == rows and manifest["null_rows"] == 7
+    assert [s["rows"] for s in manifest["shards"]] == [6] * shards and manifest["job"]["precision"] == "fp32"
+    assert not [p for p in out.iterdir() if p.name.endswith(".part")]
+
+    assert cli.main(args(out)) == 0  # complete: nothing to do (Ray not even reached)
+    assert f"({rows} done by an earlier run)" in capsys.readouterr().err
+    other = tmp_path / "other-model"
+    shutil.copytree(minilm_dir, other)
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")
+    other_args = args(out)
+    other_args[other_args.index("--model") + 1] = str(other)
+    assert cli.main(other_args) == 1  # refused before Ray is reached
+    err = capsys.readouterr().err
+    assert "the model changed" in err and "files that differ: config.json" in err and "--overwrite" in err
+    pq.write_table(table.slice(40, 20), tmp_path / "in" / "b.parquet")
+    assert cli.main(args(out)) == 1
+    err = capsys.readouterr().err
+    assert "the input changed (b.parquet changed size" in err and "--overwrite" in err and err.count("\n") == 1
+    assert cli.main([*args(out), "--overwrite"]) == 0
+    assert jobs.read_job(out).column("id").to_pylist() == list(range(60))
+
+
+def test_precision_other_than_fp32_is_refused_before_anything_starts(minilm_dir):
+    with pytest.raises(ValueError, match=r"precision 'bf16' is not available: .* only .* \('fp32'\)"):
+        bray.embed_dataset(None, model=minilm_dir, precision="bf16")
+    with pytest.raises(ValueError, match="AVX512_BF16"):
+        bray.Embedder(model=str(minilm_dir), precision="bf16")
+    assert bray.Embedder(model=str(minilm_dir), precision="fp32", threads=1).model.dim == 384
 
 
 def test_a_damaged_model_file_is_refused(local_ray, minilm_dir):
