@@ -7,7 +7,8 @@ of rows is the plan's choice (bgesmall/plan.py), fixed when the model is loaded 
     tiles/48    the same kernel, rows in blocks of 48, each block through every panel (bit-identical to tiles)
     blas        numpy's sgemm (OpenBLAS) on the plain [in, out] matrix, which is kept only where it is chosen
 
-A query split over the cores (parts > 1) always takes the tiles, each thread filling its own run of panels.
+A query split over the cores (parts > 1) always takes the tiles, each thread filling its own run of panels; so
+does a query that would split but is kept on one thread (parts = ONE_CORE_SPLIT).
 A new weight format (bf16, AMX tiles) is one more field here and one more entry in IMPLEMENTATIONS.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels.matmul import linear, linear_split, pack_columns, unpack_columns
+from .threads import ONE_CORE_SPLIT
 
 
 def _tiles(lin: "Linear", x: np.ndarray, out: np.ndarray) -> None:
@@ -74,8 +76,11 @@ class Linear:
         return name
 
     def __call__(self, x: np.ndarray, out: np.ndarray, parts: int = 1) -> None:
-        # x [rows, in] @ W [in, out] -> out [rows, out]; parts > 1: W's panels shared by that many threads
+        # x [rows, in] @ W [in, out] -> out [rows, out]; parts > 1: W's panels shared by that many threads;
+        # 1: the plan's choice for this many rows; ONE_CORE_SPLIT: the split's tiles on this thread alone
         if parts > 1:
             linear_split(x, self.panels, out, parts)
+        elif parts == ONE_CORE_SPLIT:
+            linear(x, self.panels, out, 0)
         else:
             IMPLEMENTATIONS[self.implementation(x.shape[0])](self, x, out)

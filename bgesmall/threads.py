@@ -171,6 +171,12 @@ def engine_pass():
             _passes -= 1
 
 
+# `parts` for a pass that would split but runs on one thread (SplitGuard below): the split's own tiles there
+# (bit-identical to it, panel by panel; bgesmall/linear.py), not the plan's choice for its rows, so that whether
+# a query split never changes a single number (a resumed job equals an uninterrupted one bit for bit)
+ONE_CORE_SPLIT = 0
+
+
 class SplitGuard:
     """Whether a small pass should split now, from how the last passes of its size went.
 
@@ -239,15 +245,16 @@ class SplitGuard:
 
 def run_small_pass(threads: int, forward, tokens: int = 0, guard: SplitGuard | None = None):
     """forward(parts) for a pass that is a single batch of `tokens` tokens: on the split thread with its products
-    shared by up to `threads` threads when the rules above (and `guard`, if given) allow, else forward(1) in the
-    calling thread."""
+    shared by up to `threads` threads when the rules above allow; where `guard` keeps it on one thread,
+    forward(ONE_CORE_SPLIT) in the calling thread (the same numbers as the split); else forward(1) there."""
     with engine_pass() as alone:
         executor = _split_executor() if threads > 1 and alone else None
         if executor is None:
             return forward(1)
         split = guard is None or guard.split_now(tokens)
         start = time.perf_counter()
-        result = executor.submit(_split_forward, forward, threads).result() if split else forward(1)
+        # kept on one thread: the split's kernels there (ONE_CORE_SPLIT), so that the numbers do not change
+        result = executor.submit(_split_forward, forward, threads).result() if split else forward(ONE_CORE_SPLIT)
         if guard is not None:
             guard.record(tokens, time.perf_counter() - start, split)
         return result

@@ -320,9 +320,30 @@ def test_a_query_beside_a_busy_core_runs_on_one_thread_after_two_slow_splits_and
 
     def forward(parts):  # the first split pass is quick, later ones wait (as for a descheduled thread)
         seen.append(parts)
-        time.sleep(0.002 if len(seen) == 1 else 0.005 if parts == 1 else 0.02)
+        time.sleep(0.002 if len(seen) == 1 else 0.005 if parts < 2 else 0.02)
         return parts
 
     for _ in range(8):
         threads.run_small_pass(2, forward, 7, guard)
-    assert seen == [2, 2, 1, 2, 1, 1, 1, 1]  # quick, slow (strike), compare on one thread, slower (strike): rest
+    one = threads.ONE_CORE_SPLIT  # on one thread, with the split's kernels
+    assert seen == [2, 2, one, 2, one, one, one, one]  # quick, slow (strike), compare, slower (strike): rest
+
+
+def test_a_query_kept_on_one_thread_gives_the_split_numbers_bit_for_bit(minilm_dir):
+    # with BLAS chosen for every row count, a pass on one thread would differ from the split in its last bits;
+    # the guard's one-thread pass runs the split's tiles instead, so a query's vectors never depend on timing
+    from bgesmall import threads
+
+    model = bgesmall.load(minilm_dir, threads=2, plan="linear=blas,query=split")
+    text = ["a passage long enough to take BLAS at every row count " * 12]
+    threads.run_small_pass(2, lambda parts: parts)
+    if not threads._split_state["usable"]:
+        pytest.skip("numba has no OpenMP or TBB threading layer here: queries never split")
+    split = model.embed(text)
+    tokens = model.count_tokens(text)[0]
+    model._split_guard._size(tokens).rest = 5  # as after two slow split passes
+    kept = model.embed(text)
+    assert model._split_guard._size(tokens).rest == 4  # that pass ran on one thread
+    np.testing.assert_array_equal(kept, split)
+    model._split_guard._size(tokens).rest = 0
+    np.testing.assert_array_equal(model.embed(text), split)
