@@ -245,12 +245,15 @@ class SplitGuard:
 
 def run_small_pass(threads: int, forward, tokens: int = 0, guard: SplitGuard | None = None):
     """forward(parts) for a pass that is a single batch of `tokens` tokens: on the split thread with its products
-    shared by up to `threads` threads when the rules above allow; where `guard` keeps it on one thread,
-    forward(ONE_CORE_SPLIT) in the calling thread (the same numbers as the split); else forward(1) there."""
+    shared by up to `threads` threads when the rules above allow; where a split could run but another pass is
+    running or `guard` keeps it on one thread, forward(ONE_CORE_SPLIT) in the calling thread (the same numbers
+    as the split); where none can run (one thread, no usable threading layer), forward(1) there."""
     with engine_pass() as alone:
-        executor = _split_executor() if threads > 1 and alone else None
+        executor = _split_executor() if threads > 1 else None
         if executor is None:
             return forward(1)
+        if not alone:  # beside a running batch: on this thread, with the split's kernels (the same numbers)
+            return forward(ONE_CORE_SPLIT)
         split = guard is None or guard.split_now(tokens)
         start = time.perf_counter()
         # kept on one thread: the split's kernels there (ONE_CORE_SPLIT), so that the numbers do not change

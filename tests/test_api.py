@@ -254,16 +254,18 @@ def test_a_query_splits_only_when_alone_and_only_on_the_split_thread():
         seen.append((parts, threading.current_thread().name))
         return parts
 
+    here = threading.current_thread().name
+    threads.run_small_pass(1, forward)  # one thread asked for: the plan's choice on this thread
+    assert seen == [(1, here)]
+    seen.clear()
     with threads.engine_pass():  # a batch is running: the query stays on its own thread
         threads.run_small_pass(2, forward)
-    threads.run_small_pass(1, forward)  # one thread asked for
-    assert seen == [(1, threading.current_thread().name)] * 2
-    seen.clear()
     threads.run_small_pass(2, forward)
     if threads._split_state["usable"]:  # numba has OpenMP or TBB here
-        assert seen == [(2, "bgesmall-split_0")]
+        # beside the batch, the split's kernels on this thread (the same numbers); alone, split
+        assert seen == [(threads.ONE_CORE_SPLIT, here), (2, "bgesmall-split_0")]
     else:
-        assert seen == [(1, threading.current_thread().name)]
+        assert seen == [(1, here), (1, here)]
 
 
 def test_split_guard_stops_splitting_while_split_passes_run_slow_and_tries_again_later():
