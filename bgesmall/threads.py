@@ -256,7 +256,6 @@ def run_small_pass(threads: int, forward, tokens: int = 0, guard: SplitGuard | N
             return forward(ONE_CORE_SPLIT)
         split = guard is None or guard.split_now(tokens)
         start = time.perf_counter()
-        # kept on one thread: the split's kernels there (ONE_CORE_SPLIT), so that the numbers do not change
         result = executor.submit(_split_forward, forward, threads).result() if split else forward(ONE_CORE_SPLIT)
         if guard is not None:
             guard.record(tokens, time.perf_counter() - start, split)

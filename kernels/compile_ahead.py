@@ -9,7 +9,7 @@ process compiles the others (activations, attention, layer norms); `wait()` join
 imported, which then loads them from the cache. Whatever happens to the child (killed, failed, too slow, a cache
 it could not write), this process compiles what is missing itself: the child can only make a start shorter.
 
-No child when: the cache already has them (a warm start pays one directory listing), one core, no idle core (the
+No child when: the cache already has them (a warm start reads two small index files), one core, no idle core (the
 load average of the last minute is within half a core of the core count: the child would only take turns with
 this process), numba's JIT is disabled, the cache cannot be written, the interpreter is not a plain `python`
 executable (embedded in a server), or BGESMALL_COMPILE_AHEAD=0. And if the child is still compiling when this

@@ -46,7 +46,7 @@ def parallel_kernel(signature):
     starts the threading layer (GNU OpenMP), and a process that forks must not have it running."""
 
     def decorate(fn):
-        return _FirstCallKernel(fn, signature, parallel=True)
+        return _FirstCallKernel(fn, signature, nogil=True, parallel=True, error_model="numpy")
 
     return decorate
 
@@ -64,7 +64,7 @@ class _FirstCallKernel:
         if self._disp is None:
             with self._lock:
                 if self._disp is None:
-                    self._disp = _cached_njit(self.signature, nogil=True, error_model="numpy", **self.options)(self.py_func)
+                    self._disp = _compile_cached(self.py_func, self.signature, self.options)
         return self._disp
 
     def __call__(self, *args):
@@ -79,17 +79,21 @@ def _cached_njit(signature, **options):
 
     def decorate(fn):
         if not compile_ahead.compiles_here(fn.__module__):  # a compile-ahead child, for another module's kernel
-            return _FirstCallKernel(fn, signature, **{k: v for k, v in options.items() if k not in ("nogil", "error_model")})
-        disp = numba.njit(**options)(fn)  # no signature yet: nothing is compiled before the cache is in place
-        if not isinstance(disp, numba.core.dispatcher.Dispatcher):  # NUMBA_DISABLE_JIT: the plain function
-            return disp
-        disp._cache = _GuardedCache.for_function(fn)  # what Dispatcher.enable_caching() sets, made safe
-        with typeinfer.register_dispatcher(disp):  # as numba.njit(signature) does: compile now, then refuse others
-            disp.compile(signature)
-        disp.disable_compile()
-        return disp
+            return _FirstCallKernel(fn, signature, **options)
+        return _compile_cached(fn, signature, options)
 
     return decorate
+
+
+def _compile_cached(fn, signature, options):
+    disp = numba.njit(**options)(fn)  # no signature yet: nothing is compiled before the cache is in place
+    if not isinstance(disp, numba.core.dispatcher.Dispatcher):  # NUMBA_DISABLE_JIT: the plain function
+        return disp
+    disp._cache = _GuardedCache.for_function(fn)  # what Dispatcher.enable_caching() sets, made safe
+    with typeinfer.register_dispatcher(disp):  # as numba.njit(signature) does: compile now, then refuse others
+        disp.compile(signature)
+    disp.disable_compile()
+    return disp
 
 
 class _GuardedCache(FunctionCache):
