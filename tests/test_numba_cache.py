@@ -158,3 +158,18 @@ def test_a_compile_ahead_child_that_hangs_is_stopped_and_one_that_fails_is_ignor
     failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     compile_ahead.wait(failed)  # returns: this process compiles what the child did not
     assert failed.returncode == 3
+
+
+def test_a_kernel_deferred_in_the_compile_ahead_child_still_runs_when_called(package_copy, tmp_path):
+    # in the child, other modules' kernels are deferred; one called there compiles and runs (it used to recurse)
+    from bgesmall.kernels import compile_ahead
+
+    child_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    child_env.update({"PYTHONPATH": str(package_copy), "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"),
+                      compile_ahead.CHILD_ENV: compile_ahead.CHILD_MODULE})
+    code = ("import numpy as np, bgesmall.kernels as k; x = np.zeros((2, 4), np.float32); "
+            "k.bias_gelu(x, np.ones(4, np.float32)); print(type(k.bias_gelu).__name__, round(float(x[0, 0]), 4))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env, timeout=600,
+                          cwd=package_copy)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["_FirstCallKernel", "0.8413"]  # gelu(1)
