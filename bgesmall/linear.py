@@ -44,26 +44,32 @@ class Linear:
 
     panels: np.ndarray  # [ceil(out / 32), in, 32] float32: W's columns in 32-wide panels (kernels/matmul.py)
     out_features: int
-    dense: np.ndarray | None = None  # [in, out] float32, kept only where the plan runs BLAS on this layer
+    dense: np.ndarray | None = None  # [in, out] float32 (C- or Fortran-ordered), kept only where the plan runs BLAS
     choices: tuple[tuple[int, str], ...] = ((1, "tiles"),)  # (from this many rows on, implementation), ascending
 
     @classmethod
-    def from_torch(cls, w: np.ndarray) -> "Linear":
-        # [out, in] -> Linear
-        return cls(pack_columns(w.T), w.shape[0])
+    def from_torch(cls, w: np.ndarray, choices: tuple[tuple[int, str], ...] | None = None) -> "Linear":
+        # [out, in] -> Linear; with the plan's choices known, BLAS reads w itself (as w.T, [in, out]): no copy
+        lin = cls(pack_columns(w.T), w.shape[0])
+        if choices is not None:
+            lin.prepare(choices, source=w)
+        return lin
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.panels.shape[1], self.out_features  # (in, out)
 
-    def prepare(self, choices: tuple[tuple[int, str], ...]) -> None:
-        """Use these (from rows, implementation) choices; keep the plain matrix only if one of them is BLAS."""
+    def prepare(self, choices: tuple[tuple[int, str], ...], source: np.ndarray | None = None) -> None:
+        """Use these (from rows, implementation) choices; keep the plain matrix only if one of them is BLAS.
+        source: the [out, in] weight the panels were packed from, whose transpose BLAS can read as it is."""
         unknown = [name for _, name in choices if name not in IMPLEMENTATIONS]
         if unknown:
             raise ValueError(f"unknown linear implementation {unknown[0]!r}; valid: {', '.join(IMPLEMENTATIONS)}")
         self.choices = tuple(sorted(choices))
         if any(name == "blas" for _, name in self.choices):
-            if self.dense is None:
+            if self.dense is None and source is not None:
+                self.dense = source.T  # [in, out], Fortran-ordered: sgemm reads it transposed, nothing copied
+            elif self.dense is None:
                 self.dense = unpack_columns(self.panels, self.out_features)
         else:
             self.dense = None

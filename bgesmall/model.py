@@ -17,7 +17,7 @@ from .progress import Progress
 from .plan import Plan, default_plan
 from .threads import SplitGuard, default_workers, engine_pass, run_small_pass, single_threaded_blas, usable_workers
 from .tokenizer import Tokenizer, check_texts
-from .tune import plan_for
+from .tune import known_plan, plan_for
 from .weights import BertWeights, load_weights
 
 QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
@@ -287,6 +287,7 @@ def load(path=None, *, threads: int | None = None, plan=None) -> Model:
     files = ModelFiles.in_folder(path)
     config = read_bert_config(files.folder)
     embedder = EmbedderConfig.from_folder(files.folder, config)
-    weights = load_weights(files.weights, config)
     threads = usable_workers(threads)  # the plan is measured for the threads the model will run
-    return Model(files, config, embedder, weights, threads, plan_for(config, weights, threads, plan))
+    known = known_plan(config, threads, plan)  # forced or kept: the weights are built in its formats directly
+    weights = load_weights(files.weights, config, known)
+    return Model(files, config, embedder, weights, threads, known or plan_for(config, weights, threads, plan))

@@ -249,21 +249,28 @@ def write_plan(fp: dict, plan: Plan) -> Path | None:
     """Keep the plan (atomically); on failure say so once and return None (the plan still serves this process)."""
     path = plan_path(fp)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"fingerprint": fp, "plan": plan.to_json()}, f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, lambda f: f.write(json.dumps({"fingerprint": fp, "plan": plan.to_json()}, indent=1).encode()))
     except OSError as e:
         _say(f"cannot keep the measured plan in {path.parent} ({e.strerror or e}); it is used in this process "
              f"only (set {ENV_PLAN_DIR} to a writable folder)")
         return None
     return path
+
+
+def write_atomically(path: Path, fill) -> None:
+    """Write a file through fill(binary file) under a temporary name in its folder, then rename it into place: a
+    reader sees the old file or the whole new one, never a torn one, and two writers at once leave one whole
+    file. OSError if it cannot be written (nothing is left behind)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem.split('-')[0]}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _say(msg: str) -> None:

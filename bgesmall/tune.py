@@ -208,22 +208,27 @@ def _query_products(weights, parts: int, rng):
     return run
 
 
-def plan_for(cfg, weights, threads: int, requested=None, *, remeasure: bool = False) -> Plan:
-    """The plan a model loads with: `requested` (a Plan, or a spec as in BGESMALL_PLAN), else $BGESMALL_PLAN, else
-    the kept plan for this machine, else one measured now (and kept). remeasure: measure even if one is kept."""
+def known_plan(cfg, threads: int, requested=None) -> Plan | None:
+    """The plan a model loads with if it needs no measuring: `requested` (a Plan, or a spec as in BGESMALL_PLAN),
+    else $BGESMALL_PLAN, else the kept plan for this machine; None if it must be measured (on the weights)."""
     if isinstance(requested, Plan):
         requested.check()
         return requested
     if requested is not None and not isinstance(requested, str):
         raise TypeError(f"plan must be a bgesmall.plan.Plan or a string such as 'linear=blas', got {type(requested).__name__}")
     spec = requested if requested is not None else os.environ.get(ENV_PLAN)
-    if spec and not remeasure:
+    if spec:
         return parse_forced(spec, cfg)
-    fp = fingerprint(cfg, threads)
+    return read_plan(fingerprint(cfg, threads))
+
+
+def plan_for(cfg, weights, threads: int, requested=None, *, remeasure: bool = False) -> Plan:
+    """known_plan's answer, else one measured now (and kept). remeasure: measure even if one is kept or forced."""
     if not remeasure:
-        kept = read_plan(fp)
-        if kept is not None:
-            return kept
+        known = known_plan(cfg, threads, requested)
+        if known is not None:
+            return known
+    fp = fingerprint(cfg, threads)
     try:
         plan = measure(cfg, weights, threads)
     except Exception as e:  # noqa: BLE001 - a failed measurement must not cost the user their model

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+from . import packed
 from .config import BertConfig, ModelLoadError
 from .linear import Linear
 
@@ -252,17 +253,44 @@ def _physical_memory() -> int | None:
         return None
 
 
-def _linear(w: np.ndarray) -> Linear:
-    """PyTorch's [out, in] -> W [in, out], packed into 32-column panels (kernels/matmul.py)."""
-    return Linear.from_torch(w)
+def load_weights(path: Path, cfg: BertConfig, plan=None) -> BertWeights:
+    """plan: the kernel plan (bgesmall/plan.py), if known before loading; each linear layer then takes the
+    formats it reads as it is built (no unpacking later for BLAS). The embedding tables, the panels and BLAS's
+    matrices are mapped from the kept file when there is one for this weights file (bgesmall/packed.py), and
+    kept there otherwise."""
+    tensors = TensorFile(path, cfg)
+    t = tensors.get
+    key = packed.key(path, tensors.header) if packed.enabled(cfg) else None
+    kept = packed.read(key, cfg) if key else None
+    linears: list[Linear] = []
 
+    def table(name: str, tensor: str) -> np.ndarray:
+        return kept[name] if kept else t(tensor)
 
-def load_weights(path: Path, cfg: BertConfig) -> BertWeights:
-    t = TensorFile(path, cfg).get
+    def _linear(names: list[str]) -> Linear:
+        # PyTorch's [out, in] (QKV: three stacked) -> W [in, out] in 32-column panels (kernels/matmul.py)
+        i = len(linears)
+        out_features = sum(tensors.want[n][0] for n in names)
+        choices = None if plan is None else plan.linear_choices((tensors.want[names[0]][1], out_features))
+
+        def source() -> np.ndarray:  # [out, in], as the file holds it
+            if kept and f"{i}.torch" in kept:
+                return kept[f"{i}.torch"]
+            return np.concatenate([t(n) for n in names]) if len(names) > 1 else t(names[0])
+
+        if kept is None:
+            lin = Linear.from_torch(source(), choices)
+        else:
+            lin = Linear(kept[f"{i}.panels"], out_features)
+            if choices is not None:  # the plain matrix is read only where BLAS runs
+                lin.prepare(choices, source=source() if any(how == "blas" for _, how in choices) else None)
+        linears.append(lin)
+        return lin
+
     emb = EmbeddingWeights(
-        word=t("embeddings.word_embeddings.weight"),
-        position=t("embeddings.position_embeddings.weight"),
-        token_type=t("embeddings.token_type_embeddings.weight"),
+        word=table("word", "embeddings.word_embeddings.weight"),
+        position=table("position", "embeddings.position_embeddings.weight"),
+        token_type=table("token_type", "embeddings.token_type_embeddings.weight"),
         ln_gamma=t("embeddings.LayerNorm.weight"),
         ln_beta=t("embeddings.LayerNorm.bias"),
     )
@@ -272,18 +300,25 @@ def load_weights(path: Path, cfg: BertConfig) -> BertWeights:
         qkv = [p + f"attention.self.{n}." for n in ("query", "key", "value")]
         layers.append(
             LayerWeights(
-                qkv_w=_linear(np.concatenate([t(n + "weight") for n in qkv], axis=0)),
+                qkv_w=_linear([n + "weight" for n in qkv]),
                 qkv_b=np.concatenate([t(n + "bias") for n in qkv]),
-                attn_out_w=_linear(t(p + "attention.output.dense.weight")),
+                attn_out_w=_linear([p + "attention.output.dense.weight"]),
                 attn_out_b=t(p + "attention.output.dense.bias"),
                 attn_ln_gamma=t(p + "attention.output.LayerNorm.weight"),
                 attn_ln_beta=t(p + "attention.output.LayerNorm.bias"),
-                ffn_in_w=_linear(t(p + "intermediate.dense.weight")),
+                ffn_in_w=_linear([p + "intermediate.dense.weight"]),
                 ffn_in_b=t(p + "intermediate.dense.bias"),
-                ffn_out_w=_linear(t(p + "output.dense.weight")),
+                ffn_out_w=_linear([p + "output.dense.weight"]),
                 ffn_out_b=t(p + "output.dense.bias"),
                 ffn_ln_gamma=t(p + "output.LayerNorm.weight"),
                 ffn_ln_beta=t(p + "output.LayerNorm.bias"),
             )
         )
+    if key and kept is None:  # keep what was built, for the next load
+        arrays = {"word": emb.word, "position": emb.position, "token_type": emb.token_type}
+        for i, lin in enumerate(linears):
+            arrays[f"{i}.panels"] = lin.panels
+            if lin.dense is not None:
+                arrays[f"{i}.torch"] = lin.dense.T  # dense is the [out, in] source's transpose: a view
+        packed.write(key, arrays)
     return BertWeights(embeddings=emb, layers=tuple(layers))

@@ -21,14 +21,6 @@ from bgesmall import plan as plan_mod
 from bgesmall import tune
 
 
-@pytest.fixture
-def plan_dir(tmp_path, monkeypatch):
-    d = tmp_path / "plans"
-    monkeypatch.setenv("BGESMALL_PLAN_DIR", str(d))
-    monkeypatch.delenv("BGESMALL_PLAN", raising=False)
-    return d
-
-
 def slowed(fn, times=4):
     """fn made `times` times slower on purpose (it runs that often), whatever the machine's speed."""
     def slow(*args):

@@ -1,0 +1,170 @@
+"""The model's large arrays kept on disk in the formats the kernels read, so that a later load maps them.
+
+Loading bge-small reads 133 MB and packs its 48 weight matrices into column panels (kernels/matmul.py,
+`pack_columns`), rewriting 85 MB: most of a warm start's load, and much of it the cost of faulting in fresh
+memory. The first load of a weights file on a machine writes what it built to `plan_dir()` /
+weights-<file>-<key>.f32 (beside the plan, so beside numba's cache): every linear layer's panels, the plain
+[out, in] matrix of those the plan runs through BLAS, and the three embedding tables. A later load maps that
+file copy-on-write: nothing is read until a kernel touches it, the pages are the OS file cache's own, and
+only the word-embedding rows of tokens in use are ever resident. The small tensors (biases, LayerNorms) are
+read from the safetensors file as always, and so is the plain matrix of a layer that the file lacks.
+
+The key identifies the weights without reading them: the safetensors file's path, size, modification and
+change times, inode, and header (every tensor's name, dtype, shape and byte range), with this layout's
+version. As for a .pyc file, a file rewritten in place changes its times, and so its key. A kept file that
+is short, of another key or shape, or unreadable is ignored with one line on stderr and written again; one
+that cannot be written leaves the arrays in memory, also with one line. The file is replaced only by
+renaming a finished one into place, so a mapped file never changes under a running model. Models with under
+MIN_BYTES of linear weights load in milliseconds and are not kept. `BGESMALL_PACKED=0` turns this off.
+
+File layout: 4096 bytes of header (MAGIC, then JSON {"key", "arrays": [[name, shape], ...]}, zero-padded),
+then each array, float32, C order, starting at a multiple of 4096 bytes. Offsets are recomputed from the
+shapes, which are checked against the config: the header names the arrays, it does not place them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .kernels.matmul import PANEL
+from .plan import plan_dir, write_atomically
+
+ENV = "BGESMALL_PACKED"
+MAGIC = b"bgesmall weights\n"
+VERSION = 1  # bump when the packing or the file layout changes
+HEADER = 4096
+ALIGN = 4096
+MIN_BYTES = 8 << 20  # linear weights below this pack in a few milliseconds: not worth a file
+
+
+def linear_shapes(cfg) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer, in the model's order: per layer QKV, attention output, FFN in, FFN out."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    return [s for _ in range(cfg.num_hidden_layers) for s in ((3 * h, h), (h, h), (f, h), (h, f))]
+
+
+def expected(cfg, dense: list[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """The arrays of a file for this config, with the plain matrices of linear layers `dense` (indices)."""
+    h = cfg.hidden_size
+    arrays = [("word", (cfg.vocab_size, h)), ("position", (cfg.max_position_embeddings, h)),
+              ("token_type", (cfg.type_vocab_size, h))]
+    for i, (n, k) in enumerate(linear_shapes(cfg)):
+        arrays.append((f"{i}.panels", (-(-n // PANEL), k, PANEL)))
+        if i in dense:
+            arrays.append((f"{i}.torch", (n, k)))
+    return arrays
+
+
+def enabled(cfg) -> bool:
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return sum(4 * n * k for n, k in linear_shapes(cfg)) >= MIN_BYTES
+
+
+def key(weights_path: Path, header: dict) -> dict:
+    """What identifies the weights without reading them (see the module docstring)."""
+    st = os.stat(weights_path)
+    return {
+        "version": VERSION,
+        "panel": PANEL,
+        "byteorder": sys.byteorder,
+        "path": str(Path(weights_path).resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": [st.st_dev, st.st_ino],
+        "header": hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def kept_path(k: dict) -> Path:
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+    return plan_dir() / f"weights-{digest(k['path'])}-{digest(k)}.f32"
+
+
+def _layout(arrays) -> tuple[list[int], int]:
+    offsets, at = [], HEADER
+    for _, shape in arrays:
+        offsets.append(at)
+        at += -(-(4 * int(np.prod(shape))) // ALIGN) * ALIGN
+    return offsets, at
+
+
+def read(k: dict, cfg) -> dict[str, np.ndarray] | None:
+    """The kept arrays for key k, by name ("word", "position", "token_type", "<i>.panels", "<i>.torch"), mapped
+    copy-on-write; None if there is no usable file."""
+    path = kept_path(k)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(HEADER)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        _say(f"cannot read the kept weights {path} ({e.strerror}); loading from the model file")
+        return None
+    try:
+        if not head.startswith(MAGIC):
+            raise ValueError("not a weights file")
+        meta = json.loads(head[len(MAGIC):].rstrip(b"\0"))
+        if meta.get("key") != k:
+            raise ValueError("made for another weights file")
+        names = [name for name, _ in meta["arrays"]]
+        dense = [int(n.split(".")[0]) for n in names if n.endswith(".torch")]
+        arrays = expected(cfg, dense)
+        if [[name, list(shape)] for name, shape in arrays] != meta["arrays"]:
+            raise ValueError("its arrays are not this model's")
+        offsets, total = _layout(arrays)
+        if size != total:
+            raise ValueError(f"{size} bytes where its arrays take {total}")
+        flat = np.memmap(path, dtype=np.float32, mode="c", shape=(total // 4,)).view(np.ndarray)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError) as e:
+        _say(f"ignoring the kept weights {path} ({e}); loading from the model file")
+        return None
+    # plain arrays (numba types an ndarray subclass by its base anyway), each keeping the map alive
+    return {name: flat[o // 4 : o // 4 + int(np.prod(shape))].reshape(shape)
+            for o, (name, shape) in zip(offsets, arrays)}
+
+
+def write(k: dict, arrays: dict[str, np.ndarray]) -> Path | None:
+    """Keep these arrays (named and ordered as `expected` lists them) for key k, atomically (a temporary file
+    renamed into place), and remove the files of earlier versions of the same weights file. On failure: one
+    line on stderr, and None."""
+    path = kept_path(k)
+    listed = [(name, tuple(a.shape)) for name, a in arrays.items()]
+    offsets, total = _layout(listed)
+    body = MAGIC + json.dumps({"key": k, "arrays": [[n, list(s)] for n, s in listed]}).encode()
+    if len(body) > HEADER:  # a weights path of thousands of characters
+        return None
+    def fill(f) -> None:
+        f.write(body.ljust(HEADER, b"\0"))
+        for o, a in zip(offsets, arrays.values()):
+            f.seek(o)
+            f.write(np.ascontiguousarray(a, dtype=np.float32).data)
+        f.truncate(total)
+
+    try:
+        write_atomically(path, fill)
+    except OSError as e:
+        _say(f"cannot keep the packed weights in {path.parent} ({e.strerror or e}); they are packed at each "
+             f"load (set BGESMALL_PLAN_DIR to a writable folder)")
+        return None
+    same_file = path.name.rsplit("-", 1)[0] + "-"
+    for old in path.parent.glob(same_file + "*.f32"):  # an earlier version of this weights file
+        if old != path:
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return path
+
+
+def _say(msg: str) -> None:
+    print(f"bgesmall: {msg}", file=sys.stderr)
