@@ -4,7 +4,7 @@
 
 Each product gets its own random weights (48 matrices, 85 MB: streamed from memory, as in a real pass). For each
 row count it reports the median time of all 48 products with numpy (OpenBLAS, weights [in, out]) and with
-bgesmall.kernels.linear (weights packed into 32-column panels), and their ratio. The figures quoted in
+bgesmall.kernels.linear (weights packed into column panels), and their ratio. The figures quoted in
 kernels/matmul.py come from this script.
 """
 from __future__ import annotations

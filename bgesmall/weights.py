@@ -2,7 +2,7 @@
 
 Tensor names are the checkpoint's own (transformers' `modeling_bert.py`), with or without a `bert.` prefix.
 Linear weights (PyTorch's [out, in]) are packed once at load into the column panels that the matmul kernel
-streams: W [in, out] as [ceil(out / 32), in, 32] (kernels/matmul.py). Query, key and value are fused into one
+streams: W [in, out] as [ceil(out / PANEL), in, PANEL] (kernels/matmul.py; PANEL is 32 or 16 by CPU). Query, key and value are fused into one
 [hidden, 3 * hidden] matrix before packing, so one product computes all three.
 """
 
@@ -268,7 +268,7 @@ def load_weights(path: Path, cfg: BertConfig, plan=None) -> BertWeights:
         return kept[name] if kept else t(tensor)
 
     def _linear(names: list[str]) -> Linear:
-        # PyTorch's [out, in] (QKV: three stacked) -> W [in, out] in 32-column panels (kernels/matmul.py)
+        # PyTorch's [out, in] (QKV: three stacked) -> W [in, out] in column panels (kernels/matmul.py)
         i = len(linears)
         out_features = sum(tensors.want[n][0] for n in names)
         choices = None if plan is None else plan.linear_choices((tensors.want[names[0]][1], out_features))

@@ -1,24 +1,29 @@
 """The linear layers' matrix product, y = x @ W, over weights packed once at load into column panels.
 
-Layout: W [k, n] is stored as `w` [panels, k, 32], panel p holding columns 32p .. 32p + 31 for every k, so a
-panel is one contiguous stream (llama2.c streams its weights the same way; this is BLIS's packed B, done once
-at load instead of on every call). n need not be a multiple of 32: the last panel is padded with zero columns
-(`pack_columns`), which are computed and never stored.
+Layout: W [k, n] is stored as `w` [panels, k, PANEL], panel p holding columns PANEL p .. PANEL (p + 1) - 1 for
+every k, so a panel is one contiguous stream (llama2.c streams its weights the same way; this is BLIS's packed
+B, done once at load instead of on every call). PANEL is 32 with AVX-512 and 16 without (below). n need not be
+a multiple of PANEL: the last panel is padded with zero columns (`pack_columns`), computed and never stored.
 
-The micro-kernel keeps an 8-row x 32-column tile of y in 16 vector registers (`simd.f32x16`). Per step t of
-the k loop it loads the panel's row t (two vectors), broadcasts x[r, t] for the 8 rows, and does 16 FMAs: no
-accumulator ever goes to memory. Each panel is read once per 8 rows of x, from L2 after the first time; the
-tile's output lines are prefetched for writing when it starts (without that, the stores at its end miss and
-cost 8% on the wide products). Rows left over take a 4-row or 1-row tile (a short tile repeats its last row):
-every tile keeps its accumulators in named locals (tuples of vectors), which is what lets LLVM hold them in
-registers, and all sum in the same order, so a row's result never depends on which tile computed it or on the
-rows around it. Without AVX-512 (16 registers of 8
-lanes) a 6-row x 16-column tile takes its place (`_tile6`, WIDE_REGISTERS below); compiled for a Haswell CPU
-on this machine it runs at OpenBLAS's rate from 64 rows up and 1.4-1.6x faster at 8-18 rows.
+With AVX-512 the micro-kernel keeps an 8-row x 32-column tile of y in 16 vector registers (`simd.f32x16`). Per
+step t of the k loop it loads the panel's row t (two vectors), broadcasts x[r, t] for the 8 rows, and does 16
+FMAs: no accumulator ever goes to memory. Each panel is read once per 8 rows of x, from L2 after the first
+time; the tile's output lines are prefetched for writing when it starts (without that, the stores at its end
+miss and cost 8% on the wide products). Rows left over take a 4-row or 1-row tile (a short tile repeats its
+last row). Every tile keeps its accumulators in named locals (tuples of vectors), which is what lets LLVM hold
+them in registers, and all sum in the same order, so a row's result never depends on which tile computed it,
+on the rows around it, or on the panel width.
 
-Measured on one core (AMD EPYC, AVX-512) over the 48 products of bge-small (distinct weights, streamed from
-memory) against numpy's OpenBLAS sgemm on [in, out] weights, `python benchmarks/matmul.py`: 2-3.5x faster at
-2-12 rows (a query), 1.8-2x at 13-18, 1.25x at 64, 1.05x at 256 (OpenBLAS re-packs the weights on every call,
+Without AVX-512 (16 registers of 8 lanes) a 6-row x 16-column tile takes its place (`_tile6`, WIDE_REGISTERS
+below) over 16-wide panels, and the 1-3 rows left over cross four panels side by side (`_row_across`), so that
+a lone row still keeps eight chains of FMAs going. Against the earlier 32-wide panels read in 16-column halves
+(bit-identical results), on an AMD EPYC (Zen 3, AVX2), `python benchmarks/matmul.py`, two alternations, ratio
+to OpenBLAS in the same run: 2-7 rows 1.8-2.3x -> 2.0-2.6x, 1 and 8-256 rows within the noise; a whole 7-token
+query, within the noise (its products are bound by memory bandwidth either way, see README.md).
+
+Measured on one core (AMD EPYC Zen 4, AVX-512) over the 48 products of bge-small (distinct weights, streamed
+from memory) against numpy's OpenBLAS sgemm on [in, out] weights, `python benchmarks/matmul.py`: 2-3.5x faster
+at 2-12 rows (a query), 1.8-2x at 13-18, 1.25x at 64, 1.05x at 256 (OpenBLAS re-packs the weights on every call,
 which is most of its time when few rows share them). Summation runs in order along k, one rounding per FMA.
 """
 
@@ -28,18 +33,21 @@ import numpy as np
 from .jit import helper, kernel, parallel_kernel
 from .simd import has_avx512, fma16, lane, load16, prefetch_write, splat16, store16, zeros16
 
-PANEL = 32  # columns per panel: two 16-lane vectors
 # The 8 x 32 tile needs 16 accumulator registers of 16 lanes: AVX-512 has 32. With AVX2 (16 registers of 8 lanes)
 # the same tile would spill to the stack at every step (measured: half OpenBLAS's rate), so there a 6 x 16 tile
-# runs instead. Frozen into the compiled kernels; numba's cache is keyed by the CPU, so a cache never crosses.
+# runs instead, over panels 16 columns wide: each is one contiguous stream that a tile reads once, where a 16-column
+# half of a 32-wide panel is every other cache line. Frozen into the compiled kernels (and the packed layout);
+# numba's cache is keyed by the CPU, so a cache never crosses, and the kept weights file records PANEL.
 WIDE_REGISTERS = has_avx512()
+PANEL = 32 if WIDE_REGISTERS else 16  # columns per panel: two 16-lane vectors, or one (two 8-lane halves)
+GROUP = 4  # AVX2: panels a leftover row reads side by side (4 x 16 columns: 8 independent chains of FMAs)
 
 
 def pack_columns(w: np.ndarray) -> np.ndarray:
-    """[k, n] -> [ceil(n / 32), k, 32], C-contiguous; columns past n are zero.
+    """[k, n] -> [ceil(n / PANEL), k, PANEL], C-contiguous; columns past n are zero.
 
     Works from w's transpose [n, k], which is how PyTorch stores a linear weight ([out, in]): for the loader's
-    `pack_columns(weight.T)` that is the file's own layout, and each panel is one transposed block of 32 rows
+    `pack_columns(weight.T)` that is the file's own layout, and each panel is one transposed block of PANEL rows
     (5x faster than transposing the whole matrix first)."""
     k, n = w.shape
     panels = -(-n // PANEL)
@@ -138,46 +146,6 @@ def _tile1(x, panel, out, i, j, cols):
 
 
 @helper()
-def _tile6(x, panel, out, i, rows, j, h, cols):
-    # For CPUs with 16 vector registers (AVX2): out[i:i + rows, j + h:j + h + 16] = x[i:i + rows] @ panel[:, h:h + 16],
-    # rows 1..6 (a short tile repeats its last row), h = 0 or 16: six accumulators of two 8-lane registers each
-    k = x.shape[1]
-    last = i + rows - 1
-    r0, r1, r2, r3, r4, r5 = i, min(i + 1, last), min(i + 2, last), min(i + 3, last), min(i + 4, last), min(i + 5, last)
-    a0 = a1 = a2 = a3 = a4 = a5 = zeros16()
-    _prefetch_rows(out, i, last, j + h, 16)
-    for t in range(k):
-        v = load16(panel, t * PANEL + h)
-        a0 = fma16(splat16(x[r0, t]), v, a0)
-        a1 = fma16(splat16(x[r1, t]), v, a1)
-        a2 = fma16(splat16(x[r2, t]), v, a2)
-        a3 = fma16(splat16(x[r3, t]), v, a3)
-        a4 = fma16(splat16(x[r4, t]), v, a4)
-        a5 = fma16(splat16(x[r5, t]), v, a5)
-    _store_vector(out, r0, j + h, cols - h, a0)
-    _store_vector(out, r1, j + h, cols - h, a1)
-    _store_vector(out, r2, j + h, cols - h, a2)
-    _store_vector(out, r3, j + h, cols - h, a3)
-    _store_vector(out, r4, j + h, cols - h, a4)
-    _store_vector(out, r5, j + h, cols - h, a5)
-
-
-@helper()
-def _tile2(x, panel, out, i, rows, j, cols):
-    # For AVX2: out[i:i + rows, j:j + cols] = x[i:i + rows] @ panel, rows 1..2 over the whole panel: four
-    # accumulators of two 8-lane registers, so a query's last rows are not computed six times over
-    last = i + rows - 1
-    r0, r1 = i, min(i + 1, last)
-    a0 = b0 = a1 = b1 = zeros16()
-    for t in range(x.shape[1]):
-        lo, hi = load16(panel, t * PANEL), load16(panel, t * PANEL + 16)
-        s0, s1 = splat16(x[r0, t]), splat16(x[r1, t])
-        a0, b0, a1, b1 = fma16(s0, lo, a0), fma16(s0, hi, b0), fma16(s1, lo, a1), fma16(s1, hi, b1)
-    _store(out, r0, j, cols, a0, b0)
-    _store(out, r1, j, cols, a1, b1)
-
-
-@helper()
 def _panel_wide(x, panel, out, first, end, j, cols):
     # AVX-512 (32 registers): out[first:end, j:j + cols] = x[first:end] @ panel [k, 32]
     i = first
@@ -194,49 +162,128 @@ def _panel_wide(x, panel, out, first, end, j, cols):
             i += 1
 
 
+
 @helper()
-def _panel_narrow(x, panel, out, first, end, j, cols):
-    # AVX2 (16 registers): the same with a 6 x 16 tile over each half of the panel in turn; a remainder of 1..3 rows
-    # takes 2-row tiles over the whole panel instead (a 6-row tile would compute its last row up to six times)
-    rest = (end - first) % 6
-    full = end - rest if rest < 4 else end  # 4 or 5 left over: one short 6-row tile
-    for h in range(0, cols, 16):
-        for i in range(first, full, 6):
-            _tile6(x, panel, out, i, min(6, full - i), j, h, cols)
-    for i in range(full, end, 2):
-        _tile2(x, panel, out, i, min(2, end - i), j, cols)
+def _tile6(x, panel, out, i, rows, j, cols):
+    # For CPUs with 16 vector registers (AVX2), PANEL = 16: out[i:i + rows, j:j + cols] = x[i:i + rows] @ panel
+    # [k, 16], rows 1..6 (a short tile repeats its last row): six accumulators of two 8-lane registers each
+    k = x.shape[1]
+    last = i + rows - 1
+    r0, r1, r2, r3, r4, r5 = i, min(i + 1, last), min(i + 2, last), min(i + 3, last), min(i + 4, last), min(i + 5, last)
+    a0 = a1 = a2 = a3 = a4 = a5 = zeros16()
+    _prefetch_rows(out, i, last, j, 16)
+    for t in range(k):
+        v = load16(panel, t * PANEL)
+        a0 = fma16(splat16(x[r0, t]), v, a0)
+        a1 = fma16(splat16(x[r1, t]), v, a1)
+        a2 = fma16(splat16(x[r2, t]), v, a2)
+        a3 = fma16(splat16(x[r3, t]), v, a3)
+        a4 = fma16(splat16(x[r4, t]), v, a4)
+        a5 = fma16(splat16(x[r5, t]), v, a5)
+    _store_vector(out, r0, j, cols, a0)
+    _store_vector(out, r1, j, cols, a1)
+    _store_vector(out, r2, j, cols, a2)
+    _store_vector(out, r3, j, cols, a3)
+    _store_vector(out, r4, j, cols, a4)
+    _store_vector(out, r5, j, cols, a5)
 
 
-_panel = _panel_wide if WIDE_REGISTERS else _panel_narrow  # frozen into the kernels below when they compile
+@helper()
+def _row_across(x, w, out, i, p0, count):
+    # AVX2: out[i, 16 p0:16 (p0 + count)] = x[i] @ panels p0 .. p0 + count - 1 (count 1..4) side by side: one row
+    # alone over one panel would be a chain of dependent FMAs; over four it keeps eight going (a missing panel
+    # repeats the last, like a short tile's rows, and is not stored)
+    n, last = out.shape[1], p0 + count - 1
+    pa, pb, pc, pd = w[p0], w[min(p0 + 1, last)], w[min(p0 + 2, last)], w[min(p0 + 3, last)]
+    a = b = c = d = zeros16()
+    for t in range(x.shape[1]):
+        s = splat16(x[i, t])
+        a = fma16(s, load16(pa, t * PANEL), a)
+        b = fma16(s, load16(pb, t * PANEL), b)
+        c = fma16(s, load16(pc, t * PANEL), c)
+        d = fma16(s, load16(pd, t * PANEL), d)
+    _store_vector(out, i, p0 * PANEL, n - p0 * PANEL, a)
+    if count > 1:
+        _store_vector(out, i, (p0 + 1) * PANEL, n - (p0 + 1) * PANEL, b)
+    if count > 2:
+        _store_vector(out, i, (p0 + 2) * PANEL, n - (p0 + 2) * PANEL, c)
+    if count > 3:
+        _store_vector(out, i, (p0 + 3) * PANEL, n - (p0 + 3) * PANEL, d)
+
+
+@helper()
+def _two_rows_across(x, w, out, i, p0, count):
+    # AVX2: rows i, i + 1 over panels p0 .. p0 + count - 1 (count 1..2) side by side, as _row_across
+    n, last = out.shape[1], p0 + count - 1
+    pa, pb = w[p0], w[min(p0 + 1, last)]
+    a0 = b0 = a1 = b1 = zeros16()
+    for t in range(x.shape[1]):
+        s0, s1 = splat16(x[i, t]), splat16(x[i + 1, t])
+        va, vb = load16(pa, t * PANEL), load16(pb, t * PANEL)
+        a0, b0, a1, b1 = fma16(s0, va, a0), fma16(s0, vb, b0), fma16(s1, va, a1), fma16(s1, vb, b1)
+    _store_vector(out, i, p0 * PANEL, n - p0 * PANEL, a0)
+    _store_vector(out, i + 1, p0 * PANEL, n - p0 * PANEL, a1)
+    if count > 1:
+        _store_vector(out, i, (p0 + 1) * PANEL, n - (p0 + 1) * PANEL, b0)
+        _store_vector(out, i + 1, (p0 + 1) * PANEL, n - (p0 + 1) * PANEL, b1)
+
+
+@helper()
+def _panels_wide(x, w, out, first, end, start, stop):
+    # AVX-512: out[first:end] over panels start..stop - 1, one panel at a time
+    n = out.shape[1]
+    for p in range(start, stop):
+        _panel_wide(x, w[p], out, first, end, p * PANEL, min(PANEL, n - p * PANEL))
+
+
+@helper()
+def _panels_narrow(x, w, out, first, end, start, stop):
+    # AVX2: the same in groups of GROUP panels. In each group, 6-row tiles go down each panel in turn (a panel is
+    # one stream, read from memory by the first tile and from L1/L2 by the rest); a remainder of 1..3 rows then
+    # crosses the group's panels side by side (4 or 5 left over: one short 6-row tile instead)
+    n, m = out.shape[1], end - first
+    rest = m % 6
+    full = end if rest >= 4 else end - rest
+    for g in range(start, stop, GROUP):
+        group_end = min(stop, g + GROUP)
+        for p in range(g, group_end):
+            for i in range(first, full, 6):
+                _tile6(x, w[p], out, i, min(6, full - i), p * PANEL, min(PANEL, n - p * PANEL))
+        if end - full >= 2:
+            for p in range(g, group_end, 2):
+                _two_rows_across(x, w, out, full, p, min(2, group_end - p))
+        if (end - full) % 2 == 1:
+            _row_across(x, w, out, end - 1, g, group_end - g)
+
+
+_panels = _panels_wide if WIDE_REGISTERS else _panels_narrow  # frozen into the kernels below when they compile
 
 
 @helper()
 def _check_shapes(x, w, out, start, stop):
     # the kernels write through raw pointers: a mismatch must be an error, not a write past `out`
     if x.shape[0] != out.shape[0] or x.shape[1] != w.shape[1] or out.shape[1] > w.shape[0] * PANEL:
-        raise ValueError("linear: shapes do not match: x [m, k], w [ceil(n / 32), k, 32], out [m, n]")
+        raise ValueError("linear: shapes do not match: x [m, k], w [ceil(n / PANEL), k, PANEL], out [m, n]")
     if w.shape[2] != PANEL or not 0 <= start <= stop <= w.shape[0]:
-        raise ValueError("linear: w is not [panels, k, 32], or the panel range is outside it")
+        raise ValueError("linear: w is not [panels, k, PANEL], or the panel range is outside it")
 
 
 @kernel("void(f4[:, ::1], f4[:, :, ::1], f4[:, ::1], i8, i8, i8)")
 def linear_panels(x, w, out, start, stop, block):
     # x [m, k] @ W [k, n] -> out [m, n] in the columns of panels start..stop - 1 only (32 each; the rest untouched),
-    # W packed as w [ceil(n / 32), k, 32]. Two threads may fill disjoint panel ranges of one output.
+    # W packed as w [ceil(n / PANEL), k, PANEL]. Two threads may fill disjoint panel ranges of one output.
     # block > 0: rows in blocks of that many, each block through every panel before the next (its rows stay in
     # L2 while the panels stream by); 0: all rows through each panel in turn (each panel stays in L2 while the
     # rows stream by). The same FMAs in the same order either way: the result is bit-identical.
     _check_shapes(x, w, out, start, stop)
-    m, n = x.shape[0], out.shape[1]
+    m = x.shape[0]
     step = block if block > 0 else max(m, 1)
     for first in range(0, m, step):
-        end = min(m, first + step)
-        for p in range(start, stop):
-            _panel(x, w[p], out, first, end, p * PANEL, min(PANEL, n - p * PANEL))
+        _panels(x, w, out, first, min(m, first + step), start, stop)
 
 
 def linear(x, w, out, block=0):
-    """x [m, k] @ W [k, n] -> out [m, n], W packed as w [ceil(n / 32), k, 32] (see linear_panels for `block`)."""
+    """x [m, k] @ W [k, n] -> out [m, n], W packed as w [ceil(n / PANEL), k, PANEL] (see linear_panels for `block`)."""
     linear_panels(x, w, out, 0, w.shape[0], block)
 
 

@@ -24,6 +24,7 @@ from bgesmall.kernels import (
     softmax_rows,
     unpack_columns,
 )
+from bgesmall.kernels.matmul import PANEL
 
 rng = np.random.default_rng(1234)
 
@@ -188,14 +189,15 @@ def test_self_attention_both_paths(lengths, first_only):
 # -- the packed matmul ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k, n", [(384, 1152), (1536, 384), (7, 40), (33, 65), (1, 1), (384, 8)])
-@pytest.mark.parametrize("m", [0, 1, 2, 4, 5, 7, 8, 9, 13, 17, 64])
+@pytest.mark.parametrize("k, n", [(384, 1152), (1536, 384), (7, 40), (33, 65), (1, 1), (384, 8), (5, 200)])
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 15, 17, 64])
 def test_linear_matches_float64(m, k, n):
-    # every row-tile path (8, clamped 8, 4, 1 rows) and a partial last panel (n not a multiple of 32)
+    # every row-tile path (AVX-512: 8, clamped 8, 4, 1 rows; AVX2: 6, clamped 6, and 1-3 rows across up to four
+    # panels, whole groups or not) and a partial last panel (n not a multiple of PANEL)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
     packed = pack_columns(w)
-    assert packed.shape == (-(-n // 32), k, 32) and np.array_equal(unpack_columns(packed, n), w)
+    assert packed.shape == (-(-n // PANEL), k, PANEL) and np.array_equal(unpack_columns(packed, n), w)
     out = np.full((m, n), np.nan, dtype=np.float32)
     linear(x, packed, out)
     want = x.astype(np.float64) @ w
@@ -217,10 +219,12 @@ def test_linear_rows_do_not_depend_on_their_neighbours():
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 50])
-def test_linear_split_equals_linear(parts):
-    x = rng.standard_normal((7, 384)).astype(np.float32)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8])
+def test_linear_split_equals_linear(parts, m):
+    # each thread's run of panels may start or end inside a group of panels (AVX2): the same numbers all the same
+    x = rng.standard_normal((m, 384)).astype(np.float32)
     w = pack_columns(rng.standard_normal((384, 1152)).astype(np.float32))
-    want = np.empty((7, 1152), dtype=np.float32)
+    want = np.empty((m, 1152), dtype=np.float32)
     linear(x, w, want)
     got = np.full_like(want, np.nan)
     linear_split(x, w, got, parts)
