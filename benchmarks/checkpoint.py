@@ -40,6 +40,12 @@ class Checkpoint:
             h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
         return f"{self.name}-{h.hexdigest()[:10]}"
 
+    @property
+    def linear_weight_bytes(self) -> int:
+        """float32 bytes of the linear layers' weights: what every pass reads once, however few its tokens."""
+        h, i = self.hidden_size, self.intermediate_size
+        return 4 * self.num_hidden_layers * h * (4 * h + 2 * i)
+
     def flops_per_text(self, n_tokens: int) -> float:
         """Multiply-adds x2 of one text of n_tokens: the linear layers plus the attention matmuls.
 
