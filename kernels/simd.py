@@ -14,6 +14,7 @@ LLVM splits each operation into two 8-lane ones: still correct, slower.
     zeros16()         [0.0] * 16
     fma16(a, b, c)    a * b + c, lane by lane, rounded once
     prefetch_write(a, i)   a hint: the cache line of a[i] is about to be written
+    prefetch_read(a, i)    a hint: the cache line of a[i] is about to be read
     has_avx512()      whether numba compiles for AVX-512 (plain Python, for choosing a tile)
 """
 
@@ -116,22 +117,28 @@ def fma16(typingctx, a, b, c):
     return f32x16(a, b, c), codegen
 
 
-@intrinsic
-def prefetch_write(typingctx, array, index):
-    # hint: the cache line holding a[i] will be written soon (llvm.prefetch, write, keep in all levels)
-    if not (_is_f32_c_array(array) and isinstance(index, types.Integer)):
-        return None
+def _prefetch(write: int):
+    # llvm.prefetch(address, rw, locality 3 = keep in all levels, data cache) of the line holding a[i]
+    def typer(typingctx, array, index):
+        if not (_is_f32_c_array(array) and isinstance(index, types.Integer)):
+            return None
 
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32]), "llvm.prefetch.p0"
-        )
-        builder.call(fn, [ptr, ir.Constant(_I32, 1), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32]), "llvm.prefetch.p0"
+            )
+            builder.call(fn, [ptr, ir.Constant(_I32, write), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
 
-    return types.void(array, index), codegen
+        return types.void(array, index), codegen
+
+    return typer
+
+
+prefetch_write = intrinsic(_prefetch(1))  # the cache line holding a[i] will be written soon
+prefetch_read = intrinsic(_prefetch(0))  # the cache line holding a[i] will be read soon
 
 
 def target_features() -> str:
