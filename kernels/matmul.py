@@ -16,10 +16,13 @@ on the rows around it, or on the panel width.
 
 Without AVX-512 (16 registers of 8 lanes) a 6-row x 16-column tile takes its place (`_tile6`, WIDE_REGISTERS
 below) over 16-wide panels, and the 1-3 rows left over cross four panels side by side (`_row_across`), so that
-a lone row still keeps eight chains of FMAs going. Against the earlier 32-wide panels read in 16-column halves
-(bit-identical results), on an AMD EPYC (Zen 3, AVX2), `python benchmarks/matmul.py`, two alternations, ratio
-to OpenBLAS in the same run: 2-7 rows 1.8-2.3x -> 2.0-2.6x, 1 and 8-256 rows within the noise; a whole 7-token
-query, within the noise (its products are bound by memory bandwidth either way, see README.md).
+a lone row still keeps eight chains of FMAs going; a panel's first tile prefetches 4 KB ahead along the stream
+(`_tile6`). Against the earlier layout (32-wide panels read in 16-column halves, a 2-row tile for leftovers, no
+prefetch; bit-identical results), on an AMD EPYC (Zen 3, AVX2), the two kernels alternating in one process over
+the 48 products of bge-small (distinct weights, streamed from memory), new faster 5 of 5 times at each size:
+split over two cores, 1.18-1.40x at 1-13 rows (7 rows: median 7.4 -> 5.9 ms); one core, 1.2-1.5x at 1-13 rows
+and the same within noise at 64-1024. A whole 7-token query's p50, process against process: 9.6-11.3 ms ->
+6.7-8.9 ms.
 
 Measured on one core (AMD EPYC Zen 4, AVX-512) over the 48 products of bge-small (distinct weights, streamed
 from memory) against numpy's OpenBLAS sgemm on [in, out] weights, `python benchmarks/matmul.py`: 2-3.5x faster
@@ -163,17 +166,16 @@ def _panel_wide(x, panel, out, first, end, j, cols):
             i += 1
 
 
-
 @helper()
-def _tile6(x, panel, out, i, rows, j, cols, flat, ahead, limit):
+def _tile6(x, panel, out, i, rows, j, cols, ahead, limit):
     # For CPUs with 16 vector registers (AVX2), PANEL = 16: out[i:i + rows, j:j + cols] = x[i:i + rows] @ panel
     # [k, 16], rows 1..6 (a short tile repeats its last row): six accumulators of two 8-lane registers each.
-    # ahead >= 0 (the first tile down a panel, which reads it from memory): at step t, prefetch flat[ahead + 16 t],
-    # AHEAD floats further along the same stream (on into the next panels), while below `limit` (the end of the
-    # panels this call computes). Without it the core computes and reads in turn instead of at once (Zen 3: the
-    # 48 products of a 7-row query split over two cores, the two taking turns in one process, 9 of 9 times faster:
-    # median 7.3-9.0 ms -> 6.4-7.4 ms; bit-identical. A whole query's p50, process against process, is within
-    # that machine's noise).
+    # ahead >= 0 (the first tile down a panel, which reads it from memory): at step t, prefetch AHEAD floats further
+    # along the stream of panels (on past this panel's end into the next ones: w is one C-contiguous block), while
+    # `ahead` + 16 t, counted from the first panel, stays below `limit` (the end of the panels this call
+    # computes). Without it the core computes and reads in turn instead of at once (Zen 3: the 48 products of a
+    # 7-row query split over two cores, with and without it taking turns in one process, 9 of 9 times faster:
+    # median 7.3-9.0 ms -> 6.4-7.4 ms; bit-identical).
     k = x.shape[1]
     last = i + rows - 1
     r0, r1, r2, r3, r4, r5 = i, min(i + 1, last), min(i + 2, last), min(i + 3, last), min(i + 4, last), min(i + 5, last)
@@ -181,7 +183,7 @@ def _tile6(x, panel, out, i, rows, j, cols, flat, ahead, limit):
     _prefetch_rows(out, i, last, j, 16)
     for t in range(k):
         if ahead >= 0 and ahead + t * PANEL < limit:
-            prefetch_read(flat, ahead + t * PANEL)
+            prefetch_read(panel, AHEAD + t * PANEL)  # no bounds check, and a prefetch never faults
         v = load16(panel, t * PANEL)
         a0 = fma16(splat16(x[r0, t]), v, a0)
         a1 = fma16(splat16(x[r1, t]), v, a1)
@@ -221,23 +223,6 @@ def _row_across(x, w, out, i, p0, count):
 
 
 @helper()
-def _two_rows_across(x, w, out, i, p0, count):
-    # AVX2: rows i, i + 1 over panels p0 .. p0 + count - 1 (count 1..2) side by side, as _row_across
-    n, last = out.shape[1], p0 + count - 1
-    pa, pb = w[p0], w[min(p0 + 1, last)]
-    a0 = b0 = a1 = b1 = zeros16()
-    for t in range(x.shape[1]):
-        s0, s1 = splat16(x[i, t]), splat16(x[i + 1, t])
-        va, vb = load16(pa, t * PANEL), load16(pb, t * PANEL)
-        a0, b0, a1, b1 = fma16(s0, va, a0), fma16(s0, vb, b0), fma16(s1, va, a1), fma16(s1, vb, b1)
-    _store_vector(out, i, p0 * PANEL, n - p0 * PANEL, a0)
-    _store_vector(out, i + 1, p0 * PANEL, n - p0 * PANEL, a1)
-    if count > 1:
-        _store_vector(out, i, (p0 + 1) * PANEL, n - (p0 + 1) * PANEL, b0)
-        _store_vector(out, i + 1, (p0 + 1) * PANEL, n - (p0 + 1) * PANEL, b1)
-
-
-@helper()
 def _panels_wide(x, w, out, first, end, start, stop):
     # AVX-512: out[first:end] over panels start..stop - 1, one panel at a time
     n = out.shape[1]
@@ -248,23 +233,20 @@ def _panels_wide(x, w, out, first, end, start, stop):
 @helper()
 def _panels_narrow(x, w, out, first, end, start, stop):
     # AVX2: the same in groups of GROUP panels. In each group, 6-row tiles go down each panel in turn (a panel is
-    # one stream, read from memory by the first tile and from L1/L2 by the rest); a remainder of 1..3 rows then
-    # crosses the group's panels side by side (4 or 5 left over: one short 6-row tile instead)
+    # one stream, read from memory by the first tile and from L1/L2 by the rest); each of a remainder of 1..3 rows
+    # then crosses the group's panels side by side (4 or 5 left over: one short 6-row tile instead)
     n, m, k = out.shape[1], end - first, w.shape[1]
     rest = m % 6
     full = end if rest >= 4 else end - rest
-    flat, limit = w.reshape(-1), stop * k * PANEL  # the panels as one stream, for the first tile's prefetch
+    limit = stop * k * PANEL  # the end of these panels, as a float index into w, for the first tile's prefetch
     for g in range(start, stop, GROUP):
         group_end = min(stop, g + GROUP)
         for p in range(g, group_end):
             for i in range(first, full, 6):
                 ahead = p * k * PANEL + AHEAD if i == first else -1
-                _tile6(x, w[p], out, i, min(6, full - i), p * PANEL, min(PANEL, n - p * PANEL), flat, ahead, limit)
-        if end - full >= 2:
-            for p in range(g, group_end, 2):
-                _two_rows_across(x, w, out, full, p, min(2, group_end - p))
-        if (end - full) % 2 == 1:
-            _row_across(x, w, out, end - 1, g, group_end - g)
+                _tile6(x, w[p], out, i, min(6, full - i), p * PANEL, min(PANEL, n - p * PANEL), ahead, limit)
+        for i in range(full, end):
+            _row_across(x, w, out, i, g, group_end - g)
 
 
 _panels = _panels_wide if WIDE_REGISTERS else _panels_narrow  # frozen into the kernels below when they compile
