@@ -10,8 +10,8 @@ imported, which then loads them from the cache. Whatever happens to the child (k
 it could not write), this process compiles what is missing itself: the child can only make a start shorter.
 
 No child when: the cache already has them (a warm start reads two small index files), one core, no idle core (the
-load average of the last minute is within half a core of the core count: the child would only take turns with
-this process), numba's JIT is disabled, the cache cannot be written, the interpreter is not a plain `python`
+cores in use over a tenth of a second, from /proc/stat, are within half a core of the core count: the child would
+only take turns with this process; the 1-minute load average where there is no /proc/stat), numba's JIT is disabled, the cache cannot be written, the interpreter is not a plain `python`
 executable (embedded in a server), or BGESMALL_COMPILE_AHEAD=0. And if the child is still compiling when this
 process is done with its share and has waited half as long again, the machine was busier than it looked: the
 child is stopped and this process compiles the rest itself. BGESMALL_COMPILE_AHEAD=1 starts a child whatever
@@ -81,6 +81,30 @@ def _index_stamp(path: str):
         return None
 
 
+def busy_cores(cores: int, window_s: float = 0.1) -> float:
+    """Cores in use now, machine-wide: from /proc/stat over `window_s` (the load average lags by a minute: right
+    after a heavy job it still says busy, and it counts a job that just started as half idle); where there is no
+    /proc/stat, the 1-minute load average; where neither, 0 (assume idle cores)."""
+    def times():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]  # all time but guest time (counted in user), idle + iowait
+
+    try:
+        total0, idle0 = times()
+        time.sleep(window_s)
+        total1, idle1 = times()
+        online = os.cpu_count() or cores
+        if total1 > total0:
+            return online * (1.0 - (idle1 - idle0) / (total1 - total0))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def start() -> subprocess.Popen | None:
     """The child compiling matmul.py's kernels, or None where none is worth starting (see the module's doc)."""
     if in_child() or os.environ.get(SWITCH_ENV, "1") == "0":
@@ -93,12 +117,8 @@ def start() -> subprocess.Popen | None:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average here: assume idle cores
-        busy = 0.0
     forced = os.environ.get(SWITCH_ENV) == "1"
-    if cores < 2 or (busy > cores - 0.5 and not forced):
+    if cores < 2 or (busy_cores(cores) > cores - 0.5 and not forced):
         return None
     exe = os.path.basename(sys.executable or "")
     if not exe.startswith(("python", "pypy")):

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,11 +133,32 @@ def test_no_compile_ahead_child_when_the_cache_is_warm_or_it_is_switched_off(mon
 
     assert compile_ahead.start() is None  # this process imported the kernels: matmul.py's are in the cache
     monkeypatch.setattr(compile_ahead, "_cached", lambda cache_dir: False)  # as if the cache were empty
-    monkeypatch.setattr(compile_ahead.os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # every core busy
+    monkeypatch.setattr(compile_ahead, "busy_cores", lambda cores: float(cores))  # every core busy
     assert compile_ahead.start() is None
-    monkeypatch.setattr(compile_ahead.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(compile_ahead, "busy_cores", lambda cores: 0.0)
     monkeypatch.setenv(compile_ahead.SWITCH_ENV, "0")
     assert compile_ahead.start() is None
+
+
+def test_busy_cores_sees_a_spinning_process_at_once():
+    # /proc/stat over a tenth of a second, not the load average, which would still be near 0 a moment after this
+    # starts (and, after a heavy job ends, stays high for a minute)
+    from bgesmall.kernels import compile_ahead
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat on this system: busy_cores falls back to the load average")
+    cores = os.cpu_count() or 1
+    before = compile_ahead.busy_cores(cores)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.3)
+        during = compile_ahead.busy_cores(cores, window_s=0.3)
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert during > cores - 0.5, (before, during)
+    assert 0.0 <= before <= cores + 1e-9
 
 
 def test_a_compile_ahead_child_that_hangs_is_stopped_and_one_that_fails_is_ignored(monkeypatch):
