@@ -42,7 +42,7 @@ IMPLEMENTATIONS = {"tiles": _tiles, "tiles/48": _tiles_blocked, "blas": _blas}
 class Linear:
     """W [in, out] (PyTorch stores [out, in]) in the formats the plan's implementations read."""
 
-    panels: np.ndarray  # [ceil(out / PANEL), in, PANEL] float32: W's columns in panels 32 or 16 wide (kernels/matmul.py)
+    panels: np.ndarray  # [ceil(out / PANEL), in, PANEL] float32: W's columns, PANEL 32 or 16 (kernels/matmul.py)
     out_features: int
     dense: np.ndarray | None = None  # [in, out] float32 (C- or Fortran-ordered), kept only where the plan runs BLAS
     choices: tuple[tuple[int, str], ...] = ((1, "tiles"),)  # (from this many rows on, implementation), ascending

@@ -2,8 +2,8 @@
 
 Tensor names are the checkpoint's own (transformers' `modeling_bert.py`), with or without a `bert.` prefix.
 Linear weights (PyTorch's [out, in]) are packed once at load into the column panels that the matmul kernel
-streams: W [in, out] as [ceil(out / PANEL), in, PANEL] (kernels/matmul.py; PANEL is 32 or 16 by CPU). Query, key and value are fused into one
-[hidden, 3 * hidden] matrix before packing, so one product computes all three.
+streams: W [in, out] as [ceil(out / PANEL), in, PANEL] (kernels/matmul.py; PANEL is 32 or 16 by CPU). Query, key
+and value are fused into one [hidden, 3 * hidden] matrix before packing, so one product computes all three.
 """
 
 from __future__ import annotations
