@@ -9,9 +9,10 @@ process compiles the others (activations, attention, layer norms); `wait()` join
 imported, which then loads them from the cache. Whatever happens to the child (killed, failed, too slow, a cache
 it could not write), this process compiles what is missing itself: the child can only make a start shorter.
 
-No child when: the cache already has them (a warm start reads two small index files), one core, no idle core (the
-cores in use over a tenth of a second, from /proc/stat, are within half a core of the core count: the child would
-only take turns with this process; the 1-minute load average where there is no /proc/stat), numba's JIT is disabled, the cache cannot be written, the interpreter is not a plain `python`
+No child when: the cache already has them (a warm start reads two small index files), one core, no idle core (of
+the cores this process may run on, those in use over a tenth of a second, from /proc/stat, are within half a core
+of their count: the child would only take turns with this process; the 1-minute load average where there is no
+/proc/stat), numba's JIT is disabled, the cache cannot be written, the interpreter is not a plain `python`
 executable (embedded in a server), or BGESMALL_COMPILE_AHEAD=0. And if the child is still compiling when this
 process is done with its share and has waited half as long again, the machine was busier than it looked: the
 child is stopped and this process compiles the rest itself. BGESMALL_COMPILE_AHEAD=1 starts a child whatever
@@ -82,21 +83,32 @@ def _index_stamp(path: str):
 
 
 def busy_cores(cores: int, window_s: float = 0.1) -> float:
-    """Cores in use now, machine-wide: from /proc/stat over `window_s` (the load average lags by a minute: right
-    after a heavy job it still says busy, and it counts a job that just started as half idle); where there is no
-    /proc/stat, the 1-minute load average; where neither, 0 (assume idle cores)."""
+    """Of the cores this process may run on, how many are in use now: from their lines of /proc/stat over
+    `window_s` (the load average lags by a minute: right after a heavy job it still says busy, and it counts a
+    job that just started as half idle; and it is the whole machine's, where a container may own 2 cores of 64).
+    Where there is no /proc/stat: the 1-minute load average; where neither: 0 (assume idle cores)."""
+    try:
+        mine = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+    except AttributeError:  # not Linux
+        mine = None
+
     def times():
+        total = idle = 0
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return sum(fields[:8]), fields[3] + fields[4]  # all time but guest time (counted in user), idle + iowait
+            for line in f:
+                name, *values = line.split()
+                if not name.startswith("cpu") or name == "cpu" or (mine is not None and name not in mine):
+                    continue
+                v = [int(x) for x in values[:8]]  # user nice system idle iowait irq softirq steal (guest is in user)
+                total, idle = total + sum(v), idle + v[3] + v[4]
+        return total, idle
 
     try:
         total0, idle0 = times()
         time.sleep(window_s)
         total1, idle1 = times()
-        online = os.cpu_count() or cores
         if total1 > total0:
-            return online * (1.0 - (idle1 - idle0) / (total1 - total0))
+            return cores * (1.0 - (idle1 - idle0) / (total1 - total0))
     except (OSError, ValueError, IndexError):
         pass
     try:
