@@ -17,9 +17,12 @@ that cannot be written leaves the arrays in memory, also with one line. The file
 renaming a finished one into place, so a mapped file never changes under a running model. Models with under
 MIN_BYTES of linear weights load in milliseconds and are not kept. `BGESMALL_PACKED=0` turns this off.
 
-File layout: 4096 bytes of header (MAGIC, then JSON {"key", "arrays": [[name, shape], ...]}, zero-padded),
-then each array, float32, C order, starting at a multiple of 4096 bytes. Offsets are recomputed from the
-shapes, which are checked against the config: the header names the arrays, it does not place them.
+File layout: a header (MAGIC, its own size as 8 little-endian bytes, then JSON {"key", "arrays": [[name, shape],
+...]}, zero-padded to a multiple of 4096 bytes), then each array, float32, C order, starting at a multiple of
+4096 bytes. Offsets are recomputed from the shapes, which are checked against the config: the header names the
+arrays, it does not place them. The file is flushed to disk before it is renamed into place, so a crash cannot
+leave it whole in name and zero in part. Writing one also removes kept files whose weights file has gone or
+changed, and temporary files a killed writer left behind.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import contextlib
 import hashlib
 import json
 import os
+import struct
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +44,8 @@ from .plan import plan_dir, write_atomically
 ENV = "BGESMALL_PACKED"
 MAGIC = b"bgesmall weights\n"
 VERSION = 1  # bump when the packing or the file layout changes
-HEADER = 4096
-ALIGN = 4096
+ALIGN = 4096  # the header and every array start at a multiple of this
+MAX_HEADER = 1 << 20  # a 24-layer model's header is about 6 KB
 MIN_BYTES = 8 << 20  # linear weights below this pack in a few milliseconds: not worth a file
 
 
@@ -88,15 +93,30 @@ def kept_path(k: dict) -> Path:
     def digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
-    return plan_dir() / f"weights-{digest(k['path'])}-{digest(k)}.f32"
+    # the first part names the weights file and layout (what an earlier version of it shares), the second the key
+    return plan_dir() / f"weights-{digest([k['path'], k['panel'], k['byteorder']])}-{digest(k)}.f32"
 
 
-def _layout(arrays) -> tuple[list[int], int]:
-    offsets, at = [], HEADER
+def _layout(arrays, header_bytes: int) -> tuple[list[int], int]:
+    offsets, at = [], header_bytes
     for _, shape in arrays:
         offsets.append(at)
         at += -(-(4 * int(np.prod(shape))) // ALIGN) * ALIGN
     return offsets, at
+
+
+def _read_meta(fh) -> tuple[dict, int]:
+    """(the header's JSON, its size in bytes) from an open kept file; ValueError if it is not one."""
+    start = fh.read(len(MAGIC) + 8)
+    if len(start) < len(MAGIC) + 8 or not start.startswith(MAGIC):
+        raise ValueError("not a weights file")
+    (size,) = struct.unpack("<Q", start[len(MAGIC):])
+    if size % ALIGN or not len(MAGIC) + 8 < size <= MAX_HEADER:
+        raise ValueError(f"a header of {size} bytes")
+    meta = json.loads(fh.read(size - len(MAGIC) - 8).rstrip(b"\0"))
+    if not isinstance(meta, dict):
+        raise ValueError("the header is not a JSON object")
+    return meta, size
 
 
 def read(k: dict, cfg) -> dict[str, np.ndarray] | None:
@@ -104,18 +124,16 @@ def read(k: dict, cfg) -> dict[str, np.ndarray] | None:
     copy-on-write; None if there is no usable file."""
     path = kept_path(k)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(HEADER)
+        fh = open(path, "rb")
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
         _say(f"cannot read the kept weights {path} ({e.strerror}); loading from the model file")
         return None
     try:
-        if not head.startswith(MAGIC):
-            raise ValueError("not a weights file")
-        meta = json.loads(head[len(MAGIC):].rstrip(b"\0"))
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            meta, header_bytes = _read_meta(fh)
         if meta.get("key") != k:
             raise ValueError("made for another weights file")
         names = [name for name, _ in meta["arrays"]]
@@ -123,7 +141,7 @@ def read(k: dict, cfg) -> dict[str, np.ndarray] | None:
         arrays = expected(cfg, dense)
         if [[name, list(shape)] for name, shape in arrays] != meta["arrays"]:
             raise ValueError("its arrays are not this model's")
-        offsets, total = _layout(arrays)
+        offsets, total = _layout(arrays, header_bytes)
         if size != total:
             raise ValueError(f"{size} bytes where its arrays take {total}")
         flat = np.memmap(path, dtype=np.float32, mode="c", shape=(total // 4,)).view(np.ndarray)
@@ -137,33 +155,59 @@ def read(k: dict, cfg) -> dict[str, np.ndarray] | None:
 
 def write(k: dict, arrays: dict[str, np.ndarray]) -> Path | None:
     """Keep these arrays (named and ordered as `expected` lists them) for key k, atomically (a temporary file
-    renamed into place), and remove the files of earlier versions of the same weights file. On failure: one
-    line on stderr, and None."""
+    written, flushed to disk and renamed into place), and remove kept files that no longer match their weights
+    file (see `_sweep`). On failure: one line on stderr, and None."""
     path = kept_path(k)
     listed = [(name, tuple(a.shape)) for name, a in arrays.items()]
-    offsets, total = _layout(listed)
-    body = MAGIC + json.dumps({"key": k, "arrays": [[n, list(s)] for n, s in listed]}).encode()
-    if len(body) > HEADER:  # a weights path of thousands of characters
-        return None
+    body = json.dumps({"key": k, "arrays": [[n, list(s)] for n, s in listed]}).encode()
+    header_bytes = -(-(len(MAGIC) + 8 + len(body)) // ALIGN) * ALIGN
+    offsets, total = _layout(listed, header_bytes)
+
     def fill(f) -> None:
-        f.write(body.ljust(HEADER, b"\0"))
+        f.write((MAGIC + struct.pack("<Q", header_bytes) + body).ljust(header_bytes, b"\0"))
         for o, a in zip(offsets, arrays.values()):
             f.seek(o)
             f.write(np.ascontiguousarray(a, dtype=np.float32).data)
         f.truncate(total)
 
     try:
-        write_atomically(path, fill)
+        if header_bytes > MAX_HEADER:
+            raise OSError(f"its header would take {header_bytes} bytes")
+        _sweep(path.parent, keep=path)
+        write_atomically(path, fill, durable=True)
     except OSError as e:
         _say(f"cannot keep the packed weights in {path.parent} ({e.strerror or e}); they are packed at each "
              f"load (set BGESMALL_PLAN_DIR to a writable folder)")
         return None
-    same_file = path.name.rsplit("-", 1)[0] + "-"
-    for old in path.parent.glob(same_file + "*.f32"):  # an earlier version of this weights file
-        if old != path:
+    return path
+
+
+def _sweep(folder: Path, keep: Path) -> None:
+    """Remove kept files whose weights file is gone or has changed since (another version of a file, a model
+    folder deleted), and temporary files a killed writer left more than an hour ago. A process that still maps
+    a removed file keeps its pages (on a local disk; a file shared over NFS is not safe to remove under a
+    reader on another machine: give each machine its own BGESMALL_PLAN_DIR there)."""
+    now = time.time()
+    for old in folder.glob(".weights-*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > 3600:
+                old.unlink()
+    for old in folder.glob("weights-*.f32"):
+        if old == keep:
+            continue
+        try:
+            with open(old, "rb") as fh:
+                k = _read_meta(fh)[0]["key"]
+            st = os.stat(k["path"])
+            stale = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, [st.st_dev, st.st_ino]] != [
+                k["size"], k["mtime_ns"], k["ctime_ns"], k["inode"]]
+        except FileNotFoundError:
+            stale = True  # its weights file is gone (or, racing a writer, the kept file itself: nothing to do)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            continue  # unreadable or not ours: leave it alone
+        if stale:
             with contextlib.suppress(OSError):
                 old.unlink()
-    return path
 
 
 def _say(msg: str) -> None:

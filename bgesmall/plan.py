@@ -257,15 +257,19 @@ def write_plan(fp: dict, plan: Plan) -> Path | None:
     return path
 
 
-def write_atomically(path: Path, fill) -> None:
+def write_atomically(path: Path, fill, durable: bool = False) -> None:
     """Write a file through fill(binary file) under a temporary name in its folder, then rename it into place: a
     reader sees the old file or the whole new one, never a torn one, and two writers at once leave one whole
-    file. OSError if it cannot be written (nothing is left behind)."""
+    file. durable: flushed to disk before the rename, so that a crash cannot leave the new name on unwritten
+    (zero) blocks. OSError if it cannot be written (nothing is left behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem.split('-')[0]}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             fill(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -107,8 +107,8 @@ def busy_cores(cores: int, window_s: float = 0.1) -> float:
         total0, idle0 = times()
         time.sleep(window_s)
         total1, idle1 = times()
-        if total1 > total0:
-            return cores * (1.0 - (idle1 - idle0) / (total1 - total0))
+        if total1 > total0:  # clamped: per-CPU idle and iowait counters may step backwards (proc(5))
+            return min(float(cores), max(0.0, cores * (1.0 - (idle1 - idle0) / (total1 - total0))))
     except (OSError, ValueError, IndexError):
         pass
     try:
@@ -129,14 +129,16 @@ def start() -> subprocess.Popen | None:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    forced = os.environ.get(SWITCH_ENV) == "1"
-    if cores < 2 or (busy_cores(cores) > cores - 0.5 and not forced):
+    if cores < 2:
         return None
     exe = os.path.basename(sys.executable or "")
     if not exe.startswith(("python", "pypy")):
         return None
     cache_dir = _cache_dir()
-    if cache_dir is None or _cached(cache_dir):
+    if cache_dir is None or _cached(cache_dir):  # first: a warm start must not wait for the busy check below
+        return None
+    forced = os.environ.get(SWITCH_ENV) == "1"
+    if busy_cores(cores) > cores - 0.5 and not forced:
         return None
     env = dict(os.environ, **{CHILD_ENV: CHILD_MODULE, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     try:

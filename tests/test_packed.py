@@ -3,9 +3,11 @@ and, whatever state it is found in, never the cause of a wrong vector or an erro
 
 from __future__ import annotations
 
+import io
 import json
 import mmap
 import shutil
+import struct
 import tempfile
 
 import numpy as np
@@ -65,28 +67,31 @@ def test_a_layer_whose_plain_matrix_was_not_kept_reads_it_from_the_model_file(mi
     assert np.array_equal(model.embed(TEXTS), reference["linear=blas"])
 
 
+def _rewrite_header(raw: bytearray, change) -> None:
+    meta, size = packed._read_meta(io.BytesIO(bytes(raw)))
+    change(meta)
+    head = packed.MAGIC + struct.pack("<Q", size) + json.dumps(meta).encode()
+    raw[:size] = head.ljust(size, b"\0")
+
+
 def _damage(path, how):
     raw = bytearray(path.read_bytes())
     if how == "truncated":
         raw = raw[: len(raw) // 2]
     elif how == "garbage header":
         raw[:64] = b"\xff" * 64
+    elif how == "header size garbage":
+        raw[len(packed.MAGIC):len(packed.MAGIC) + 8] = struct.pack("<Q", 1 << 62)
     elif how == "another key":
-        end = raw.index(b"\0")
-        meta = json.loads(raw[len(packed.MAGIC):end])
-        meta["key"]["size"] += 1
-        raw[:packed.HEADER] = (packed.MAGIC + json.dumps(meta).encode()).ljust(packed.HEADER, b"\0")
+        _rewrite_header(raw, lambda meta: meta["key"].update(size=meta["key"]["size"] + 1))
     elif how == "other shapes":
-        end = raw.index(b"\0")
-        meta = json.loads(raw[len(packed.MAGIC):end])
-        meta["arrays"][0][1] = [1, 1]
-        raw[:packed.HEADER] = (packed.MAGIC + json.dumps(meta).encode()).ljust(packed.HEADER, b"\0")
+        _rewrite_header(raw, lambda meta: meta["arrays"][0].__setitem__(1, [1, 1]))
     elif how == "empty":
         raw = bytearray()
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage header", "another key", "other shapes", "empty"])
+@pytest.mark.parametrize("how", ["truncated", "garbage header", "header size garbage", "another key", "other shapes", "empty"])
 def test_a_damaged_kept_file_is_ignored_with_one_line_and_written_again(minilm_dir, plan_dir, reference, how, capsys):
     bgesmall.load(minilm_dir, plan="linear=tiles", threads=1)
     (path,) = kept_files(plan_dir)
@@ -135,3 +140,55 @@ def test_turned_off_and_small_models_keep_nothing(minilm_dir, plan_dir, tmp_path
     monkeypatch.setenv("BGESMALL_PACKED", "0")
     bgesmall.load(minilm_dir, plan="default", threads=1)
     assert kept_files(plan_dir) == []
+
+
+def test_blas_reads_one_layout_whichever_way_its_matrix_came(minilm_dir, plan_dir):
+    # from the model file (as the source's transpose) or rebuilt from the panels (the planner, a first load that
+    # measures): the same Fortran-ordered [in, out], so one row's BLAS product has the same last bits either way
+    from bgesmall.linear import Linear
+
+    w = np.random.default_rng(0).standard_normal((1152, 384)).astype(np.float32)
+    a, b = Linear.from_torch(w, ((1, "blas"),)), Linear.from_torch(w)
+    b.prepare(((1, "blas"),))
+    assert a.dense.flags.f_contiguous and b.dense.flags.f_contiguous
+    x = np.random.default_rng(1).standard_normal((1, 384)).astype(np.float32)
+    assert np.array_equal(x @ a.dense, x @ b.dense) and np.array_equal(a.dense, w.T) and np.array_equal(b.dense, w.T)
+
+
+def test_writing_sweeps_kept_files_of_weights_that_are_gone_and_old_temporaries(minilm_dir, plan_dir, tmp_path):
+    import os
+    import time
+
+    gone = tmp_path / "gone"
+    shutil.copytree(minilm_dir, gone)
+    bgesmall.load(gone, plan="linear=tiles", threads=1)
+    (orphan,) = kept_files(plan_dir)
+    shutil.rmtree(gone)  # the model folder deleted: its kept file is now an orphan
+    stale_tmp, fresh_tmp = plan_dir / ".weights-old.tmp", plan_dir / ".weights-new.tmp"
+    stale_tmp.write_bytes(b"x")
+    fresh_tmp.write_bytes(b"x")  # possibly another process writing right now: left alone
+    os.utime(stale_tmp, (time.time() - 7200, time.time() - 7200))
+    foreign = plan_dir / "weights-not-ours.f32"
+    foreign.write_bytes(b"something else")
+    bgesmall.load(minilm_dir, plan="linear=tiles", threads=1)  # writes its own kept file, sweeping
+    assert not orphan.exists() and not stale_tmp.exists()
+    assert fresh_tmp.exists() and foreign.exists() and len(kept_files(plan_dir)) == 2
+
+
+def test_a_long_header_grows_instead_of_failing(plan_dir, tmp_path):
+    # a 24-layer model with BLAS on every layer: a header over 4096 bytes (bge-small's is 2-3 KB)
+    from bgesmall.config import BertConfig
+
+    cfg = BertConfig(vocab_size=8, hidden_size=32, num_hidden_layers=24, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=8)
+    names = [n for n, _ in packed.expected(cfg, list(range(4 * 24)))]
+    shapes = dict(packed.expected(cfg, list(range(4 * 24))))
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    k = packed.key(weights, {"h": "x" * 3000})
+    k["path"] = str(tmp_path / ("long-folder-name-" * 20) / "model.safetensors")
+    arrays = {n: np.full(shapes[n], i, np.float32) for i, n in enumerate(names)}
+    path = packed.write(k, arrays)
+    assert path is not None and packed._read_meta(open(path, "rb"))[1] > 4096
+    back = packed.read(k, cfg)
+    assert back is not None and all(np.array_equal(back[n], arrays[n]) for n in names)
