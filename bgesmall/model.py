@@ -290,4 +290,6 @@ def load(path=None, *, threads: int | None = None, plan=None) -> Model:
     threads = usable_workers(threads)  # the plan is measured for the threads the model will run
     known = known_plan(config, threads, plan)  # forced or kept: the weights are built in its formats directly
     weights = load_weights(files.weights, config, known)
-    return Model(files, config, embedder, weights, threads, known or plan_for(config, weights, threads, plan))
+    model = Model(files, config, embedder, weights, threads, known or plan_for(config, weights, threads, plan))
+    weights.keep()  # after the plan: the kept file then holds the plain matrices of the layers BLAS runs
+    return model

@@ -61,12 +61,25 @@ class LayerWeights:
 class BertWeights:
     embeddings: EmbeddingWeights
     layers: tuple[LayerWeights, ...]
+    kept_key: dict | None = None  # the kept file's key (bgesmall/packed.py) if these arrays should be kept there
 
     def prepare(self, plan) -> None:
         """Give every linear layer the plan's implementations (and the weight formats they read)."""
         for layer in self.layers:
             for lin in layer.linears():
                 lin.prepare(plan.linear_choices(lin.shape))
+
+    def keep(self) -> None:
+        """Write the kept file for the next load (once the plan has given each layer its formats), if wanted."""
+        if self.kept_key is None:
+            return
+        e = self.embeddings
+        arrays = {"word": e.word, "position": e.position, "token_type": e.token_type}
+        for i, lin in enumerate(lin for layer in self.layers for lin in layer.linears()):
+            arrays[f"{i}.panels"] = lin.panels
+            if lin.dense is not None:
+                arrays[f"{i}.torch"] = lin.dense.T  # dense is an [out, in] matrix's transpose: a view
+        packed.write(self.kept_key, arrays)
 
 
 def expected_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
@@ -256,8 +269,8 @@ def _physical_memory() -> int | None:
 def load_weights(path: Path, cfg: BertConfig, plan=None) -> BertWeights:
     """plan: the kernel plan (bgesmall/plan.py), if known before loading; each linear layer then takes the
     formats it reads as it is built (no unpacking later for BLAS). The embedding tables, the panels and BLAS's
-    matrices are mapped from the kept file when there is one for this weights file (bgesmall/packed.py), and
-    kept there otherwise."""
+    matrices are mapped from the kept file when there is one for this weights file (bgesmall/packed.py);
+    otherwise `BertWeights.keep()` writes one, once the plan has given each layer its formats."""
     tensors = TensorFile(path, cfg)
     t = tensors.get
     key = packed.key(path, tensors.header) if packed.enabled(cfg) else None
@@ -314,11 +327,4 @@ def load_weights(path: Path, cfg: BertConfig, plan=None) -> BertWeights:
                 ffn_ln_beta=t(p + "output.LayerNorm.bias"),
             )
         )
-    if key and kept is None:  # keep what was built, for the next load
-        arrays = {"word": emb.word, "position": emb.position, "token_type": emb.token_type}
-        for i, lin in enumerate(linears):
-            arrays[f"{i}.panels"] = lin.panels
-            if lin.dense is not None:
-                arrays[f"{i}.torch"] = lin.dense.T  # dense is the [out, in] source's transpose: a view
-        packed.write(key, arrays)
-    return BertWeights(embeddings=emb, layers=tuple(layers))
+    return BertWeights(embeddings=emb, layers=tuple(layers), kept_key=key if kept is None else None)

@@ -192,3 +192,21 @@ def test_a_long_header_grows_instead_of_failing(plan_dir, tmp_path):
     assert path is not None and packed._read_meta(open(path, "rb"))[1] > 4096
     back = packed.read(k, cfg)
     assert back is not None and all(np.array_equal(back[n], arrays[n]) for n in names)
+
+
+def test_a_first_load_that_measures_keeps_the_matrices_its_plan_runs_through_blas(minilm_dir, plan_dir, monkeypatch):
+    # the plan is measured after the weights are read: the kept file is written after it, with BLAS's matrices
+    from dataclasses import replace
+
+    from bgesmall import plan as plan_mod
+    from bgesmall import tune
+
+    monkeypatch.setattr(tune, "measure", lambda cfg, weights, threads: replace(
+        plan_mod.parse_forced("linear=blas", cfg), source="measured (stand-in)"))
+    first = bgesmall.load(minilm_dir, threads=1)
+    assert first.plan.source.startswith("measured")
+    again = bgesmall.load(minilm_dir, threads=1)  # the kept plan, and the kept file with every plain matrix
+    assert again.plan.source == "cached"
+    lins = [lin for layer in again.weights.layers for lin in layer.linears()]
+    assert all(mapped(lin.panels) and mapped(lin.dense) for lin in lins)
+    assert np.array_equal(first.embed(TEXTS), again.embed(TEXTS))
