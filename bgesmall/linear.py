@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels.matmul import linear, linear_split, pack_columns
+from .kernels.matmul import linear, linear_split, pack_columns, unpack_rows
 from .threads import ONE_CORE_SPLIT
 
 
@@ -68,8 +68,7 @@ class Linear:
         self.choices = tuple(sorted(choices))
         if any(name == "blas" for _, name in self.choices):
             if self.dense is None and source is None:  # rebuilt from the panels: [out, in], as a file holds it
-                p, k, width = self.panels.shape
-                source = np.ascontiguousarray(self.panels.transpose(0, 2, 1).reshape(p * width, k)[: self.out_features])
+                source = unpack_rows(self.panels, self.out_features)
             if self.dense is None:
                 # [in, out], Fortran-ordered: sgemm reads the [out, in] matrix transposed, nothing copied. Always this
                 # layout, however the matrix came: OpenBLAS's one-row product gives other last bits for C order.

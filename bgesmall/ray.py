@@ -337,14 +337,3 @@ def _cause(e: BaseException) -> BaseException | None:
             return seen
         seen = getattr(seen, "cause", None) or seen.__cause__
     return None
-
-
-def count_output(folder: Path, column: str = EMBEDDING) -> dict:
-    """{rows, null_rows} of a folder of Parquet files, from the embedding column alone."""
-    _, pq = pyarrow()
-    rows = nulls = 0
-    for path in sorted(folder.glob("*.parquet")):
-        emb = pq.read_table(path, columns=[column]).column(column)
-        rows += len(emb)
-        nulls += emb.null_count
-    return {"rows": rows, "null_rows": nulls}

@@ -25,7 +25,7 @@ from .attention import attention, softmax_rows  # noqa: E402
 from .layernorm import embed_layernorm, residual_layernorm  # noqa: E402
 
 compile_ahead.wait(_child)
-from .matmul import linear, linear_split, pack_columns, unpack_columns  # noqa: E402
+from .matmul import linear, linear_split, pack_columns, unpack_columns, unpack_rows  # noqa: E402
 
 __all__ = [
     "attention",
@@ -40,4 +40,5 @@ __all__ = [
     "residual_layernorm",
     "softmax_rows",
     "unpack_columns",
+    "unpack_rows",
 ]

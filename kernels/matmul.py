@@ -62,8 +62,13 @@ def pack_columns(w: np.ndarray) -> np.ndarray:
 
 
 def unpack_columns(w: np.ndarray, n: int) -> np.ndarray:
-    """[panels, k, 32] -> [k, n], the inverse of `pack_columns` (for tests and tools)."""
+    """[panels, k, PANEL] -> [k, n], the inverse of `pack_columns` (for tests and tools)."""
     return np.ascontiguousarray(w.transpose(1, 0, 2).reshape(w.shape[1], -1)[:, :n])
+
+
+def unpack_rows(w: np.ndarray, n: int) -> np.ndarray:
+    """[panels, k, PANEL] -> [n, k], C-contiguous: W's transpose, as PyTorch stores a linear weight ([out, in])."""
+    return np.ascontiguousarray(w.transpose(0, 2, 1).reshape(-1, w.shape[1])[:n])
 
 
 @helper()

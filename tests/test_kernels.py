@@ -23,6 +23,7 @@ from bgesmall.kernels import (
     residual_layernorm,
     softmax_rows,
     unpack_columns,
+    unpack_rows,
 )
 from bgesmall.kernels.matmul import PANEL
 
@@ -198,6 +199,7 @@ def test_linear_matches_float64(m, k, n):
     w = rng.standard_normal((k, n)).astype(np.float32)
     packed = pack_columns(w)
     assert packed.shape == (-(-n // PANEL), k, PANEL) and np.array_equal(unpack_columns(packed, n), w)
+    assert np.array_equal(unpack_rows(packed, n), w.T) and unpack_rows(packed, n).flags.c_contiguous
     out = np.full((m, n), np.nan, dtype=np.float32)
     linear(x, packed, out)
     want = x.astype(np.float64) @ w
