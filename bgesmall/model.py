@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import encoder
+from . import encoder, precision as tiers
 from .batching import token_budget_batches
 from .config import BertConfig, EmbedderConfig, read_bert_config
 from .progress import Progress
@@ -78,7 +78,13 @@ class Model:
         self._split_guard = SplitGuard()  # a query splits only while splitting pays (bgesmall/threads.py)
 
     def __repr__(self) -> str:
-        return f"bgesmall.Model({str(self.path)!r}, dim={self.dim}, layers={self.config.num_hidden_layers}, pooling={self.pooling!r})"
+        return (f"bgesmall.Model({str(self.path)!r}, dim={self.dim}, layers={self.config.num_hidden_layers}, "
+                f"pooling={self.pooling!r}, precision={self.precision!r})")
+
+    @property
+    def precision(self) -> str:
+        """The tier that runs (bgesmall/precision.py): "fp32", the exact one, or "bf16"."""
+        return self.weights.precision
 
     @property
     def name(self) -> str:
@@ -268,14 +274,18 @@ class Model:
         return out[0] if single else out
 
 
-def load(path=None, *, threads: int | None = None, plan=None) -> Model:
+def load(path=None, *, threads: int | None = None, plan=None, precision: str | None = None) -> Model:
     """Load a model folder (Hugging Face layout). With no path, find the BGE-small weights (see bgesmall.locate).
 
     threads: worker threads (default: the cores this process may use, or $BGESMALL_NUM_THREADS).
+    precision: "fp32" (the exact tier, the default) or "bf16" (any case; default $BGESMALL_PRECISION, else
+    fp32). bf16 needs a CPU with AVX512_BF16; without it the exact tier runs, with a warning, and
+    `Model.precision` says "fp32" (bgesmall/precision.py).
     plan: which kernels run (bgesmall/plan.py). Default: $BGESMALL_PLAN if set, else the plan measured for this
     machine (about a second, on the first load only; kept beside numba's cache). A string forces choices, e.g.
     "default" (the built-in plan) or "linear=blas,query=single"; a bgesmall.plan.Plan is used as it is.
     """
+    tier = tiers.runnable(tiers.requested(precision))  # a bad value fails before anything is read
     if path is None:
         from .locate import find_model_dir
 
@@ -288,8 +298,8 @@ def load(path=None, *, threads: int | None = None, plan=None) -> Model:
     config = read_bert_config(files.folder)
     embedder = EmbedderConfig.from_folder(files.folder, config)
     threads = usable_workers(threads)  # the plan is measured for the threads the model will run
-    known = known_plan(config, threads, plan)  # forced or kept: the weights are built in its formats directly
-    weights = load_weights(files.weights, config, known)
+    known = known_plan(config, threads, plan, tier)  # forced or kept: the weights are built in its formats directly
+    weights = load_weights(files.weights, config, known, tier)
     model = Model(files, config, embedder, weights, threads, known or plan_for(config, weights, threads, plan))
     weights.keep()  # after the plan: the kept file then holds the plain matrices of the layers BLAS runs
     return model

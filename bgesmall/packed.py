@@ -18,8 +18,8 @@ renaming a finished one into place, so a mapped file never changes under a runni
 MIN_BYTES of linear weights load in milliseconds and are not kept. `BGESMALL_PACKED=0` turns this off.
 
 File layout: a header (MAGIC, its own size as 8 little-endian bytes, then JSON {"key", "arrays": [[name, shape],
-...]}, zero-padded to a multiple of 4096 bytes), then each array, float32, C order, starting at a multiple of
-4096 bytes. Offsets are recomputed from the shapes, which are checked against the config: the header names the
+...]}, zero-padded to a multiple of 4096 bytes), then each array, float32 (the bf16 tier's panels: uint32 pairs
+of bf16, kernels/matmul.py `pack_pairs`), C order, starting at a multiple of 4096 bytes. Offsets are recomputed from the shapes, which are checked against the config: the header names the
 arrays, it does not place them. The file is flushed to disk before it is renamed into place, so a crash cannot
 leave it whole in name and zero in part. Writing one also removes kept files whose weights file has gone or
 changed, and temporary files a killed writer left behind.
@@ -43,7 +43,7 @@ from .plan import plan_dir, write_atomically
 
 ENV = "BGESMALL_PACKED"
 MAGIC = b"bgesmall weights\n"
-VERSION = 1  # bump when the packing or the file layout changes
+VERSION = 2  # bump when the packing or the file layout changes
 ALIGN = 4096  # the header and every array start at a multiple of this
 MAX_HEADER = 1 << 20  # a 24-layer model's header is about 6 KB
 MIN_BYTES = 8 << 20  # linear weights below this pack in a few milliseconds: not worth a file
@@ -55,13 +55,13 @@ def linear_shapes(cfg) -> list[tuple[int, int]]:
     return [s for _ in range(cfg.num_hidden_layers) for s in ((3 * h, h), (h, h), (f, h), (h, f))]
 
 
-def expected(cfg, dense: list[int]) -> list[tuple[str, tuple[int, ...]]]:
+def expected(cfg, dense: list[int], precision: str = "fp32") -> list[tuple[str, tuple[int, ...]]]:
     """The arrays of a file for this config, with the plain matrices of linear layers `dense` (indices)."""
     h = cfg.hidden_size
     arrays = [("word", (cfg.vocab_size, h)), ("position", (cfg.max_position_embeddings, h)),
               ("token_type", (cfg.type_vocab_size, h))]
     for i, (n, k) in enumerate(linear_shapes(cfg)):
-        arrays.append((f"{i}.panels", (-(-n // PANEL), k, PANEL)))
+        arrays.append((f"{i}.panels", (-(-n // PANEL), -(-k // 2) if precision == "bf16" else k, PANEL)))
         if i in dense:
             arrays.append((f"{i}.torch", (n, k)))
     return arrays
@@ -73,11 +73,12 @@ def enabled(cfg) -> bool:
     return sum(4 * n * k for n, k in linear_shapes(cfg)) >= MIN_BYTES
 
 
-def key(weights_path: Path, header: dict) -> dict:
-    """What identifies the weights without reading them (see the module docstring)."""
+def key(weights_path: Path, header: dict, precision: str = "fp32") -> dict:
+    """What identifies the weights without reading them (see the module docstring), and their tier's format."""
     st = os.stat(weights_path)
     return {
         "version": VERSION,
+        "precision": precision,
         "panel": PANEL,
         "byteorder": sys.byteorder,
         "path": str(Path(weights_path).resolve()),
@@ -94,7 +95,7 @@ def kept_path(k: dict) -> Path:
         return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
     # the first part names the weights file and layout (what an earlier version of it shares), the second the key
-    return plan_dir() / f"weights-{digest([k['path'], k['panel'], k['byteorder']])}-{digest(k)}.f32"
+    return plan_dir() / f"weights-{digest([k['path'], k['panel'], k['byteorder'], k['precision']])}-{digest(k)}.f32"
 
 
 def _layout(arrays, header_bytes: int) -> tuple[list[int], int]:
@@ -138,7 +139,7 @@ def read(k: dict, cfg) -> dict[str, np.ndarray] | None:
             raise ValueError("made for another weights file")
         names = [name for name, _ in meta["arrays"]]
         dense = [int(n.split(".")[0]) for n in names if n.endswith(".torch")]
-        arrays = expected(cfg, dense)
+        arrays = expected(cfg, dense, k["precision"])
         if [[name, list(shape)] for name, shape in arrays] != meta["arrays"]:
             raise ValueError("its arrays are not this model's")
         offsets, total = _layout(arrays, header_bytes)
@@ -149,8 +150,13 @@ def read(k: dict, cfg) -> dict[str, np.ndarray] | None:
         _say(f"ignoring the kept weights {path} ({e}); loading from the model file")
         return None
     # plain arrays (numba types an ndarray subclass by its base anyway), each keeping the map alive
-    return {name: flat[o // 4 : o // 4 + int(np.prod(shape))].reshape(shape)
+    pairs = k["precision"] == "bf16"
+    return {name: _typed(flat[o // 4 : o // 4 + int(np.prod(shape))].reshape(shape), pairs and name.endswith(".panels"))
             for o, (name, shape) in zip(offsets, arrays)}
+
+
+def _typed(a: np.ndarray, pairs: bool) -> np.ndarray:
+    return a.view(np.uint32) if pairs else a
 
 
 def write(k: dict, arrays: dict[str, np.ndarray]) -> Path | None:
@@ -167,7 +173,8 @@ def write(k: dict, arrays: dict[str, np.ndarray]) -> Path | None:
         f.write((MAGIC + struct.pack("<Q", header_bytes) + body).ljust(header_bytes, b"\0"))
         for o, a in zip(offsets, arrays.values()):
             f.seek(o)
-            f.write(np.ascontiguousarray(a, dtype=np.float32).data)
+            a = np.ascontiguousarray(a, dtype=np.uint32 if a.dtype == np.uint32 else np.float32)
+            f.write(a.data)  # 4 bytes an element either way: float32, or the bf16 tier's uint32 pairs
         f.truncate(total)
 
     try:

@@ -4,7 +4,8 @@ A kernel tuned by hand on one CPU is not the fastest on the next, so bgesmall me
 machine it runs on, on the model's own shapes, the first time a model is loaded there (bgesmall/tune.py), and
 keeps the answer, as FFTW keeps its "wisdom": a later load reads it back in a millisecond. The choices:
 
-    linear         per linear layer shape and range of rows: tiles | tiles/48 | blas   (bgesmall/linear.py)
+    linear         per linear layer shape and range of rows: tiles | tiles/48 | blas   (bgesmall/linear.py;
+                   the tiles of the tier's weight format; blas in the exact tier only)
     query          a lone small pass (a query): split each product's panels over the cores, or run on one
     long_sequence  attention: from this many tokens a sequence runs as two BLAS products per head around the
                    numba softmax, shorter ones take the fused kernel (bgesmall/encoder.py)
@@ -174,12 +175,14 @@ def plan_dir() -> Path:
     return Path(base) / "bgesmall" / "plans"
 
 
-def fingerprint(cfg, threads: int) -> dict:
-    """What a plan depends on: the CPU, the compilers and libraries, the kernels' code, the shapes, the threads."""
+def fingerprint(cfg, threads: int, precision: str = "fp32") -> dict:
+    """What a plan depends on: the CPU, the compilers and libraries, the kernels' code, the shapes, the threads,
+    the tier (its weight format has kernels of its own)."""
     return {
         **_process_fingerprint(),
         "shapes": [cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers],
         "threads": threads,
+        "precision": precision,
     }
 
 

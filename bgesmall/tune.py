@@ -117,17 +117,19 @@ def _one_of_each_shape(weights) -> list[Linear]:
 
 def _probe(lin: Linear, choices: tuple[tuple[int, str], ...]) -> Linear:
     """The same weight prepared for other choices, leaving the model's own Linear as it is."""
-    probe = Linear(lin.panels, lin.out_features)
+    probe = Linear(lin.panels, lin.out_features, in_features=lin.in_features)
     probe.prepare(choices)
     return probe
 
 
 def _time_linear(lin: Linear, rows: int, rng, deadline: float) -> dict[str, float]:
-    # every implementation in LINEAR on x [rows, in] -> [rows, out], the weight's own values
-    probe = _probe(lin, ((1, "blas"),))  # the plain matrix too, for the BLAS candidate
+    # every implementation in LINEAR for this weight's tier on x [rows, in] -> [rows, out], the weight's own values
+    exact = lin.precision == "fp32"
+    probe = _probe(lin, ((1, "blas" if exact else "tiles"),))  # the plain matrix too, for the BLAS candidate
     x = rng.standard_normal((rows, lin.shape[0])).astype(np.float32)
     out = np.empty((rows, lin.out_features), dtype=np.float32)
-    names = [n for n in LINEAR if not (n == "tiles/48" and rows <= 48)]  # blocks of 48 change nothing below 49
+    # blocks of 48 change nothing below 49 rows; BLAS has no bf16 format
+    names = [n for n in LINEAR if not (n == "tiles/48" and rows <= 48) and (exact or n != "blas")]
     candidates = {n: (lambda n=n: IMPLEMENTATIONS[n](probe, x, out)) for n in names}
     return best_times(candidates, 7 if rows < 256 else 3, deadline)
 
@@ -208,7 +210,7 @@ def _query_products(weights, parts: int, rng):
     return run
 
 
-def known_plan(cfg, threads: int, requested=None) -> Plan | None:
+def known_plan(cfg, threads: int, requested=None, precision: str = "fp32") -> Plan | None:
     """The plan a model loads with if it needs no measuring: `requested` (a Plan, or a spec as in BGESMALL_PLAN),
     else $BGESMALL_PLAN, else the kept plan for this machine; None if it must be measured (on the weights)."""
     if isinstance(requested, Plan):
@@ -219,16 +221,16 @@ def known_plan(cfg, threads: int, requested=None) -> Plan | None:
     spec = requested if requested is not None else os.environ.get(ENV_PLAN)
     if spec:
         return parse_forced(spec, cfg)
-    return read_plan(fingerprint(cfg, threads))
+    return read_plan(fingerprint(cfg, threads, precision))
 
 
 def plan_for(cfg, weights, threads: int, requested=None, *, remeasure: bool = False) -> Plan:
     """known_plan's answer, else one measured now (and kept). remeasure: measure even if one is kept or forced."""
     if not remeasure:
-        known = known_plan(cfg, threads, requested)
+        known = known_plan(cfg, threads, requested, weights.precision)
         if known is not None:
             return known
-    fp = fingerprint(cfg, threads)
+    fp = fingerprint(cfg, threads, weights.precision)
     try:
         plan = measure(cfg, weights, threads)
     except Exception as e:  # noqa: BLE001 - a failed measurement must not cost the user their model

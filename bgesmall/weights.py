@@ -63,6 +63,11 @@ class BertWeights:
     layers: tuple[LayerWeights, ...]
     kept_key: dict | None = None  # the kept file's key (bgesmall/packed.py) if these arrays should be kept there
 
+    @property
+    def precision(self) -> str:
+        """The tier the linear layers' weights are packed for: "fp32" or "bf16"."""
+        return self.layers[0].qkv_w.precision if self.layers else "fp32"
+
     def prepare(self, plan) -> None:
         """Give every linear layer the plan's implementations (and the weight formats they read)."""
         for layer in self.layers:
@@ -266,14 +271,15 @@ def _physical_memory() -> int | None:
         return None
 
 
-def load_weights(path: Path, cfg: BertConfig, plan=None) -> BertWeights:
+def load_weights(path: Path, cfg: BertConfig, plan=None, precision: str = "fp32") -> BertWeights:
     """plan: the kernel plan (bgesmall/plan.py), if known before loading; each linear layer then takes the
-    formats it reads as it is built (no unpacking later for BLAS). The embedding tables, the panels and BLAS's
+    formats it reads as it is built (no unpacking later for BLAS). precision: the tier whose weight format the
+    linear layers are packed in, "fp32" or "bf16" (bgesmall/precision.py; checked and runnable here). The embedding tables, the panels and BLAS's
     matrices are mapped from the kept file when there is one for this weights file (bgesmall/packed.py);
     otherwise `BertWeights.keep()` writes one, once the plan has given each layer its formats."""
     tensors = TensorFile(path, cfg)
     t = tensors.get
-    key = packed.key(path, tensors.header) if packed.enabled(cfg) else None
+    key = packed.key(path, tensors.header, precision) if packed.enabled(cfg) else None
     kept = packed.read(key, cfg) if key else None
     linears: list[Linear] = []
 
@@ -292,9 +298,9 @@ def load_weights(path: Path, cfg: BertConfig, plan=None) -> BertWeights:
             return np.concatenate([t(n) for n in names]) if len(names) > 1 else t(names[0])
 
         if kept is None:
-            lin = Linear.from_torch(source(), choices)
+            lin = Linear.from_torch(source(), choices, precision)
         else:
-            lin = Linear(kept[f"{i}.panels"], out_features)
+            lin = Linear(kept[f"{i}.panels"], out_features, in_features=tensors.want[names[0]][1])
             if choices is not None:  # the plain matrix is read only where BLAS runs
                 lin.prepare(choices, source=source() if any(how == "blas" for _, how in choices) else None)
         linears.append(lin)

@@ -39,6 +39,16 @@ def helper():
     return inner()
 
 
+def first_call_kernel(signature):
+    """A kernel compiled (or loaded from the cache) at its first call, not at import: for code that only some
+    CPUs can compile (the bf16 kernels need AVX512_BF16), which a machine without it must never compile."""
+
+    def decorate(fn):
+        return _FirstCallKernel(fn, signature, nogil=True, error_model="numpy")
+
+    return decorate
+
+
 def parallel_kernel(signature):
     """The one kernel that forks and joins threads (numba's threading layer): see bgesmall/threads.py, split_pass.
 

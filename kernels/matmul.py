@@ -33,8 +33,8 @@ which is most of its time when few rows share them). Summation runs in order alo
 import numba
 import numpy as np
 
-from .jit import helper, kernel, parallel_kernel
-from .simd import has_avx512, fma16, lane, load16, prefetch_read, prefetch_write, splat16, store16, zeros16
+from .jit import first_call_kernel, helper, kernel, parallel_kernel
+from .simd import has_avx512, has_avx512_bf16, fma16, lane, load16, prefetch_read, prefetch_write, splat16, store16, zeros16
 
 # The 8 x 32 tile needs 16 accumulator registers of 16 lanes: AVX-512 has 32. With AVX2 (16 registers of 8 lanes)
 # the same tile would spill to the stack at every step (measured: half OpenBLAS's rate), so there a 6 x 16 tile
@@ -266,6 +266,16 @@ def _check_shapes(x, w, out, start, stop):
         raise ValueError("linear: w is not [panels, k, PANEL], or the panel range is outside it")
 
 
+@helper()
+def _linear_range(x, w, out, start, stop, block):
+    # the body of linear_panels, for float32 x and w or for bf16 pairs (uint32) of both
+    _check_shapes(x, w, out, start, stop)
+    m = x.shape[0]
+    step = block if block > 0 else max(m, 1)
+    for first in range(0, m, step):
+        _panels(x, w, out, first, min(m, first + step), start, stop)
+
+
 @kernel("void(f4[:, ::1], f4[:, :, ::1], f4[:, ::1], i8, i8, i8)")
 def linear_panels(x, w, out, start, stop, block):
     # x [m, k] @ W [k, n] -> out [m, n] in the columns of panels start..stop - 1 only (32 each; the rest untouched),
@@ -273,11 +283,7 @@ def linear_panels(x, w, out, start, stop, block):
     # block > 0: rows in blocks of that many, each block through every panel before the next (its rows stay in
     # L2 while the panels stream by); 0: all rows through each panel in turn (each panel stays in L2 while the
     # rows stream by). The same FMAs in the same order either way: the result is bit-identical.
-    _check_shapes(x, w, out, start, stop)
-    m = x.shape[0]
-    step = block if block > 0 else max(m, 1)
-    for first in range(0, m, step):
-        _panels(x, w, out, first, min(m, first + step), start, stop)
+    _linear_range(x, w, out, start, stop, block)
 
 
 def linear(x, w, out, block=0):
@@ -293,3 +299,101 @@ def linear_split(x, w, out, parts):
     _check_shapes(x, w, out, np.int64(0), panels)  # int64s, as linear_panels passes: one compiled check for both
     for part in numba.prange(parts):
         linear_panels(x, w, out, part * panels // parts, (part + 1) * panels // parts, 0)
+
+
+# -- bf16: the same tiles over pairs of bfloat16 ---------------------------------------------------------------
+#
+# The bf16 tier's weight format: W [k, n] as `pairs` [ceil(n / PANEL), ceil(k / 2), PANEL] uint32, element
+# [p, t, c] holding W[2t, PANEL p + c] in its low 16 bits and W[2t + 1, PANEL p + c] in its high 16, each rounded
+# to bfloat16 (to nearest, ties to even); half the bytes of the float32 panels. A product rounds the rows of x to
+# bf16 the same way, pairs along k ([m, ceil(k / 2)] uint32: a row's bf16 values in order, read two at a time),
+# and runs the tiles above unchanged: over uint32 arrays, `fma16` is AVX512_BF16's vdpbf16ps, which adds the two
+# products of a pair (each exact in float32) into a float32 accumulator: 32 multiply-adds per instruction where
+# the float32 FMA does 16, from half the bytes of weights. k odd: the last pair's high half is zero. Only CPUs
+# with AVX512_BF16 compile these kernels (at their first call): see `HAS_BF16`.
+
+HAS_BF16 = has_avx512_bf16()  # implies AVX-512, so PANEL is 32 and the tiles are the 8 x 32 ones
+
+
+def round_bf16(w: np.ndarray) -> np.ndarray:
+    """float32 array -> its bfloat16 values' bits (uint16), rounded to nearest, ties to even; NaN stays NaN."""
+    u = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, (u >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
+
+
+def bf16_to_f32(b: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (b.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def pack_pairs(w: np.ndarray) -> np.ndarray:
+    """[k, n] float32 -> [ceil(n / PANEL), ceil(k / 2), PANEL] uint32 pairs of bf16 along k (see above).
+    Works from w's transpose [n, k], PyTorch's [out, in], as `pack_columns` does."""
+    k, n = w.shape
+    panels, k2 = -(-n // PANEL), -(-k // 2)
+    rows = np.zeros((panels * PANEL, 2 * k2), dtype=np.uint16)  # [n padded, k padded] bf16 bits
+    rows[:n, :k] = round_bf16(w.T)
+    # row c's bf16 values in order, read as uint32, are its pairs: [n, k2]; then panels of PANEL rows, transposed
+    return np.ascontiguousarray(rows.view(np.uint32).reshape(panels, PANEL, k2).transpose(0, 2, 1))
+
+
+def unpack_pairs(w: np.ndarray, k: int, n: int) -> np.ndarray:
+    """[panels, ceil(k / 2), PANEL] uint32 -> [k, n] float32: the bf16 values `pack_pairs` kept, exactly."""
+    rows = np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(-1, w.shape[1])  # [n padded, k2]
+    return np.ascontiguousarray(bf16_to_f32(rows.view(np.uint16))[:n, :k].T)
+
+
+@helper()
+def _bf16_bits(u):
+    # float32 bits -> bfloat16 bits, to nearest, ties to even (as round_bf16); NaN stays NaN (quieted)
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return ((u >> 16) | 0x40) & 0xFFFF
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+@helper()
+def _to_pairs(x):
+    # x [m, k] float32 -> [m, ceil(k / 2)] uint32: each row rounded to bf16, in pairs along k (high half of an
+    # odd k's last pair zero)
+    m, k = x.shape
+    bits = x.view(np.uint32)
+    half = k // 2
+    pairs = np.zeros((m, (k + 1) // 2), dtype=np.uint32)
+    for r in range(m):
+        for t in range(half):
+            pairs[r, t] = np.uint32(_bf16_bits(np.int64(bits[r, 2 * t])) | (_bf16_bits(np.int64(bits[r, 2 * t + 1])) << 16))
+        if k % 2:
+            pairs[r, half] = np.uint32(_bf16_bits(np.int64(bits[r, k - 1])))
+    return pairs
+
+
+@helper()
+def _check_pairs(x, w):
+    if (x.shape[1] + 1) // 2 != w.shape[1]:
+        raise ValueError("linear_bf16: shapes do not match: x [m, k], w [ceil(n / PANEL), ceil(k / 2), PANEL]")
+
+
+@first_call_kernel("void(f4[:, ::1], u4[:, :, ::1], f4[:, ::1], i8, i8, i8)")
+def linear_bf16_panels(x, w, out, start, stop, block):
+    # x [m, k] float32 @ W [k, n] (bf16 pairs, w [ceil(n / PANEL), ceil(k / 2), PANEL] uint32) -> out [m, n] float32,
+    # x rounded to bf16 first; otherwise as linear_panels (panels start..stop - 1, rows in blocks of `block`)
+    _check_pairs(x, w)
+    _linear_range(_to_pairs(x), w, out, start, stop, block)
+
+
+def linear_bf16(x, w, out, block=0):
+    """x [m, k] @ W [k, n] -> out [m, n] in bf16 (products of bf16 values summed in float32), W as `pack_pairs` gives."""
+    linear_bf16_panels(x, w, out, 0, w.shape[0], block)
+
+
+@parallel_kernel("void(f4[:, ::1], u4[:, :, ::1], f4[:, ::1], i8)")
+def linear_bf16_split(x, w, out, parts):
+    # as linear_split, over bf16 pairs; x is rounded once, before the threads share the panels
+    _check_pairs(x, w)
+    pairs = _to_pairs(x)
+    panels = w.shape[0]
+    _check_shapes(pairs, w, out, np.int64(0), panels)
+    for part in numba.prange(parts):
+        _linear_range(pairs, w, out, part * panels // parts, (part + 1) * panels // parts, np.int64(0))

@@ -16,6 +16,17 @@ LLVM splits each operation into two 8-lane ones: still correct, slower.
     prefetch_write(a, i)   a hint: the cache line of a[i] is about to be written
     prefetch_read(a, i)    a hint: the cache line of a[i] is about to be read
     has_avx512()      whether numba compiles for AVX-512 (plain Python, for choosing a tile)
+
+And a second vector type, `bf16x32`: 32 bfloat16 values (the top halves of float32s), taken in pairs, for
+AVX512_BF16's dot product (`vdpbf16ps`). The same three operations read it, chosen by the types they are given:
+
+    load16(a, i)      a[i:i + 16] of a C-contiguous uint32 array, each element a pair of bf16 (low half first)
+    splat16(x)        a uint32 x (one pair) in all 16 lanes
+    fma16(a, b, c)    a, b bf16x32, c f32x16: c[l] + a[2l] b[2l] + a[2l + 1] b[2l + 1], products exact in float32
+
+so a tile written once over `fma16` is the float32 kernel over float32 arrays and the bf16 kernel over uint32
+pairs (kernels/matmul.py). Code that uses bf16x32 compiles only for a CPU with AVX512_BF16 (`has_avx512_bf16`):
+LLVM cannot lower vdpbf16ps for any other, so the bf16 kernels are compiled at their first call, never at import.
 """
 
 from llvmlite import ir
@@ -26,6 +37,23 @@ from numba.extending import intrinsic, models, register_model
 LANES = 16
 _VEC = ir.VectorType(ir.FloatType(), LANES)
 _I32 = ir.IntType(32)
+_PAIRS = ir.VectorType(_I32, LANES)  # bf16x32 as it is held: 16 lanes of two bf16 each
+
+
+class _BFloat(ir.Type):
+    """LLVM's `bfloat`, which llvmlite's IR builder lacks; used only to type the vdpbf16ps call."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_BF16_32 = ir.VectorType(_BFloat(), 2 * LANES)
 
 
 class F32x16(types.Type):
@@ -33,7 +61,13 @@ class F32x16(types.Type):
         super().__init__(name="f32x16")
 
 
+class BF16x32(types.Type):
+    def __init__(self):
+        super().__init__(name="bf16x32")
+
+
 f32x16 = F32x16()
+bf16x32 = BF16x32()
 
 
 @register_model(F32x16)
@@ -42,18 +76,35 @@ class _F32x16Model(models.PrimitiveModel):  # held as an LLVM value: lives in a 
         super().__init__(dmm, fe_type, _VEC)
 
 
-def _vector_pointer(context, builder, array_type, array, index):
+@register_model(BF16x32)
+class _BF16x32Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _PAIRS)
+
+
+def _vector_pointer(context, builder, array_type, array, index, vector=_VEC):
     data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(builder.gep(data, [index]), _VEC.as_pointer())
+    return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
 
 
 def _is_f32_c_array(t) -> bool:
     return isinstance(t, types.Array) and t.dtype == types.float32 and t.layout == "C"
 
 
+def _is_u32_c_array(t) -> bool:
+    return isinstance(t, types.Array) and t.dtype == types.uint32 and t.layout == "C"
+
+
 @intrinsic
 def load16(typingctx, array, index):
-    if not (_is_f32_c_array(array) and isinstance(index, types.Integer)):
+    if not isinstance(index, types.Integer):
+        return None
+    if _is_u32_c_array(array):  # 16 pairs of bf16
+        def codegen_pairs(context, builder, sig, args):
+            return builder.load(_vector_pointer(context, builder, sig.args[0], args[0], args[1], _PAIRS), align=4)
+
+        return bf16x32(array, index), codegen_pairs
+    if not _is_f32_c_array(array):
         return None
 
     def codegen(context, builder, sig, args):
@@ -87,14 +138,15 @@ def lane(typingctx, value, index):
 
 @intrinsic
 def splat16(typingctx, x):
-    if x != types.float32:
+    if x not in (types.float32, types.uint32):
         return None
+    vector = _VEC if x == types.float32 else _PAIRS
 
     def codegen(context, builder, sig, args):
-        one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[0], ir.Constant(_I32, 0))
-        return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined), ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+        one = builder.insert_element(ir.Constant(vector, ir.Undefined), args[0], ir.Constant(_I32, 0))
+        return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
 
-    return f32x16(x), codegen
+    return (f32x16 if x == types.float32 else bf16x32)(x), codegen
 
 
 @intrinsic
@@ -107,6 +159,14 @@ def zeros16(typingctx):
 
 @intrinsic
 def fma16(typingctx, a, b, c):
+    if a == b == bf16x32 and c == f32x16:  # AVX512_BF16: c + the dot products of a's and b's pairs
+        def codegen_pairs(context, builder, sig, args):
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_VEC, [_VEC, _BF16_32, _BF16_32]), "llvm.x86.avx512bf16.dpbf16ps.512"
+            )
+            return builder.call(fn, [args[2], builder.bitcast(args[0], _BF16_32), builder.bitcast(args[1], _BF16_32)])
+
+        return f32x16(a, b, c), codegen_pairs
     if not (a == b == c == f32x16):
         return None
 
@@ -152,3 +212,9 @@ def target_features() -> str:
 def has_avx512() -> bool:
     """Whether numba compiles for a CPU with AVX-512 (plain Python, for choosing a tile)."""
     return "+avx512f" in target_features().split(",")
+
+
+def has_avx512_bf16() -> bool:
+    """Whether numba compiles for a CPU with AVX512_BF16 (vdpbf16ps), on which the bf16 kernels can run."""
+    features = target_features().split(",")
+    return "+avx512f" in features and "+avx512bf16" in features

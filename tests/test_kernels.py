@@ -2,6 +2,7 @@
 
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from bgesmall.config import BertConfig
+from conftest import minilm_path
 from bgesmall.encoder import LONG_SEQUENCE, Sequences, self_attention
 from bgesmall.kernels import (
     attention,
@@ -25,7 +27,8 @@ from bgesmall.kernels import (
     unpack_columns,
     unpack_rows,
 )
-from bgesmall.kernels.matmul import PANEL
+from bgesmall.kernels import matmul
+from bgesmall.kernels.matmul import HAS_BF16, PANEL, bf16_to_f32, pack_pairs, round_bf16, unpack_pairs
 
 rng = np.random.default_rng(1234)
 
@@ -238,13 +241,19 @@ HASWELL_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+
 
 
 def test_linear_on_a_cpu_without_avx512(tmp_path):
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"forces an x86 target (Haswell's features): cannot run on {platform.machine()}")
     """The AVX2 tile (kernels/matmul.py, WIDE_REGISTERS False), compiled as numba would for a Haswell CPU: the same
     linear tests, run in a subprocess (the choice is frozen at import)."""
     if os.environ.get("NUMBA_CPU_FEATURES"):
         pytest.skip("this run already targets a chosen CPU")
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL_FEATURES,
                NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
-    check = "from bgesmall.kernels.simd import has_avx512; assert not has_avx512()"
+    # ... and on such a CPU nothing of the bf16 tier is compiled, even when it is asked for
+    check = ("import warnings; warnings.simplefilter('ignore'); import bgesmall.kernels.matmul as m; "
+             "from bgesmall.kernels.simd import has_avx512; assert not has_avx512() and not m.HAS_BF16; "
+             f"import bgesmall; assert bgesmall.load({str(minilm_path())!r}, precision='bf16').precision == 'fp32'; "
+             "assert m.linear_bf16_panels._disp is None and m.linear_bf16_split._disp is None")
     subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=300)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "linear"],
                        env=env, capture_output=True, text=True, timeout=600)
@@ -261,3 +270,99 @@ def test_linear_kernels_refuse_mismatched_shapes():
             linear(bad_x, w, bad_out)
         with pytest.raises(ValueError, match="shapes do not match"):
             linear_split(bad_x, w, bad_out, 2)
+
+
+# -- the bf16 tier's matmul: pairs of bfloat16 through vdpbf16ps --------------------------------------------------
+
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no AVX512_BF16: the bf16 kernels are compiled "
+                                "only where it exists (on this CPU a bf16 model runs the exact tier: test_bf16.py)")
+
+
+def test_round_bf16_to_nearest_ties_to_even():
+    one, ulp = 1.0, 2.0 ** -7  # bf16 keeps 7 bits of mantissa
+    x = np.array([one, one + ulp / 2, one + 3 * ulp / 2, one + ulp / 2 + 2.0 ** -20, -2.5, 0.0, -0.0, np.inf, -np.inf,
+                  3.4e38, 1e-40], dtype=np.float32)
+    got = bf16_to_f32(round_bf16(x))
+    want = np.array([one, one, one + 2 * ulp, one + ulp, -2.5, 0.0, -0.0, np.inf, -np.inf, np.inf, 1e-40],
+                    dtype=np.float32)
+    np.testing.assert_array_equal(got[:-1], want[:-1])  # halfway: to the even neighbour; past it: up; overflow: inf
+    assert 0 < abs(got[-1] - 1e-40) <= 2.0 ** -134 and np.signbit(got[6])  # subnormals to half a step (2^-133), -0 stays -0
+    assert np.isnan(bf16_to_f32(round_bf16(np.array([np.nan, -np.nan], np.float32)))).all()
+
+
+def test_to_pairs_rounds_as_numpy_does():
+    # the kernels' own rounding of x (integer code: compiles on every CPU) against round_bf16, odd k included
+    for m, k in [(3, 8), (2, 7), (1, 1), (4, 384)]:
+        x = (rng.standard_normal((m, k)) * 10.0 ** rng.integers(-8, 8, (m, k))).astype(np.float32)
+        x[0, 0] = np.nan
+        pairs = matmul._to_pairs(x)
+        bits = np.zeros((m, 2 * pairs.shape[1]), np.uint16)
+        bits[:, :k] = round_bf16(x)
+        np.testing.assert_array_equal(pairs, bits.view(np.uint32))
+
+
+@pytest.mark.parametrize("k, n", [(384, 1152), (1536, 384), (7, 40), (1, 1), (33, 65)])
+def test_pack_pairs_keeps_the_bf16_values(k, n):
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    packed = pack_pairs(w)
+    assert packed.dtype == np.uint32 and packed.shape == (-(-n // PANEL), -(-k // 2), PANEL)
+    assert packed.nbytes <= pack_columns(w).nbytes // 2 + PANEL * 4 * -(-n // PANEL)  # half, but for an odd k's pad
+    np.testing.assert_array_equal(unpack_pairs(packed, k, n), bf16_to_f32(round_bf16(w)))
+
+
+def _bf16_reference(x, w):
+    # the float64 product of the bf16 values: what vdpbf16ps computes, but for its float32 sums
+    return bf16_to_f32(round_bf16(x)).astype(np.float64) @ bf16_to_f32(round_bf16(w)).astype(np.float64)
+
+
+@needs_bf16
+@pytest.mark.parametrize("k, n", [(384, 1152), (1536, 384), (7, 40), (33, 65), (1, 1), (384, 8)])
+@pytest.mark.parametrize("m", [0, 1, 2, 4, 5, 8, 9, 13, 64])
+def test_bf16_linear_matches_the_bf16_values_in_float64(m, k, n):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    matmul.linear_bf16(x, pack_pairs(w), out)
+    xb, wb = bf16_to_f32(round_bf16(x)).astype(np.float64), bf16_to_f32(round_bf16(w)).astype(np.float64)
+    bound = 4 * np.finfo(np.float32).eps * math.sqrt(k) * (np.abs(xb) @ np.abs(wb))  # float32 sums only
+    assert np.all(np.abs(out - _bf16_reference(x, w)) <= bound + 1e-30)
+
+
+@needs_bf16
+def test_bf16_linear_rows_do_not_depend_on_their_neighbours():
+    x = rng.standard_normal((17, 384)).astype(np.float32)
+    w = pack_pairs(rng.standard_normal((384, 96)).astype(np.float32))
+    full = np.empty((17, 96), dtype=np.float32)
+    matmul.linear_bf16(x, w, full)
+    for rows in ([16], [5, 6], [0, 3, 9, 12], list(range(9))):
+        part = np.empty((len(rows), 96), dtype=np.float32)
+        matmul.linear_bf16(np.ascontiguousarray(x[rows]), w, part)
+        np.testing.assert_array_equal(part, full[rows])
+    blocked = np.empty_like(full)
+    matmul.linear_bf16(x, w, blocked, 4)
+    np.testing.assert_array_equal(blocked, full)
+
+
+@needs_bf16
+@pytest.mark.parametrize("parts", [1, 2, 3, 50])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_bf16_linear_split_equals_linear(parts, m):
+    x = rng.standard_normal((m, 384)).astype(np.float32)
+    w = pack_pairs(rng.standard_normal((384, 1152)).astype(np.float32))
+    want = np.empty((m, 1152), dtype=np.float32)
+    matmul.linear_bf16(x, w, want)
+    got = np.full_like(want, np.nan)
+    matmul.linear_bf16_split(x, w, got, parts)
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_bf16
+def test_bf16_linear_refuses_mismatched_shapes():
+    w = pack_pairs(rng.standard_normal((8, 40)).astype(np.float32))
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    for bad_x, bad_out in [(x, np.empty((3, 80), np.float32)), (x[:, :5].copy(), np.empty((3, 40), np.float32)),
+                           (x, np.empty((2, 40), np.float32))]:
+        with pytest.raises(ValueError, match="shapes do not match"):
+            matmul.linear_bf16(bad_x, w, bad_out)
+        with pytest.raises(ValueError, match="shapes do not match"):
+            matmul.linear_bf16_split(bad_x, w, bad_out, 2)
