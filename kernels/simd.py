@@ -13,6 +13,9 @@ LLVM splits each operation into two 8-lane ones: still correct, slower.
     splat16(x)        [x] * 16
     zeros16()         [0.0] * 16
     fma16(a, b, c)    a * b + c, lane by lane, rounded once
+    max16(a, b)       the larger of a and b, lane by lane
+    hmax16(v)         the largest lane of v, a float32
+    hsum16(v)         the sum of v's lanes, a float32 (in a tree: the order is fixed, not the lanes' order)
     prefetch_write(a, i)   a hint: the cache line of a[i] is about to be written
     prefetch_read(a, i)    a hint: the cache line of a[i] is about to be read
     has_avx512()      whether numba compiles for AVX-512 (plain Python, for choosing a tile)
@@ -175,6 +178,45 @@ def fma16(typingctx, a, b, c):
         return builder.call(fma, args)
 
     return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def max16(typingctx, a, b):
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * 2), "llvm.maxnum.v16f32")
+        return builder.call(fn, args)
+
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def hmax16(typingctx, v):
+    if v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [_VEC]),
+                                            "llvm.vector.reduce.fmax.v16f32")
+        return builder.call(fn, args)
+
+    return types.float32(v), codegen
+
+
+@intrinsic
+def hsum16(typingctx, v):
+    if v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), _VEC]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+        # reassoc: a tree of adds (LLVM's fixed shuffle pattern), not 16 in a chain; the same tree every time
+        return builder.call(fn, [ir.Constant(ir.FloatType(), 0.0), args[0]], fastmath=("reassoc",))
+
+    return types.float32(v), codegen
 
 
 def _prefetch(write: int):

@@ -133,7 +133,7 @@ def test_embed_layernorm():
     np.testing.assert_allclose(out, want, atol=3e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lengths", [[1], [2], [512], [1, 512, 7, 1, 33]])
+@pytest.mark.parametrize("lengths", [[1], [2], [512], [1, 512, 7, 1, 33], [11, 12, 13], [15, 16, 17, 8, 31, 32, 33, 100]])
 def test_attention_packed_sequences(lengths):
     heads, hidden = 12, 384
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -156,6 +156,30 @@ def test_attention_never_reads_across_sequences():
     out2 = np.empty_like(out)
     attention(qkv2, bias, offsets[:-1].copy(), np.diff(offsets), heads, False, out2)
     np.testing.assert_array_equal(out[:4], out2[:4])
+
+
+def test_vector_attention_never_reads_across_sequences_nor_depends_on_the_padding():
+    # sequences of VECTOR_FROM tokens or more take the vector kernel (keys padded to 16, queries to 8)
+    from bgesmall.kernels.attention import VECTOR_FROM
+
+    heads, hidden = 12, 384
+    offsets = np.array([0, VECTOR_FROM + 1, VECTOR_FROM + 21, VECTOR_FROM + 24], dtype=np.int64)
+    qkv = rng.standard_normal((offsets[-1], 3 * hidden)).astype(np.float32)
+    bias = rng.standard_normal(3 * hidden).astype(np.float32)
+    out = np.full((offsets[-1], hidden), np.nan, np.float32)
+    attention(qkv, bias, offsets[:-1].copy(), np.diff(offsets), heads, False, out)
+    qkv2 = qkv.copy()
+    qkv2[offsets[1]:] = 1e3  # the later sequences change
+    out2 = np.empty_like(out)
+    attention(qkv2, bias, offsets[:-1].copy(), np.diff(offsets), heads, False, out2)
+    np.testing.assert_array_equal(out[: offsets[1]], out2[: offsets[1]])
+    alone = np.empty((offsets[2] - offsets[1], hidden), np.float32)  # the second sequence alone
+    attention(np.ascontiguousarray(qkv[offsets[1]:offsets[2]]), bias, np.zeros(1, np.int64),
+              np.array([offsets[2] - offsets[1]]), heads, False, alone)
+    np.testing.assert_array_equal(out[offsets[1]:offsets[2]], alone)
+    first = np.empty_like(out)  # the [CLS] rows alone (scalar kernel) agree with the vector kernel's
+    attention(qkv, bias, offsets[:-1].copy(), np.diff(offsets), heads, True, first)
+    np.testing.assert_allclose(first[offsets[:-1]], out[offsets[:-1]], atol=2e-6, rtol=1e-5)
 
 
 def test_kernels_reject_float64_instead_of_recompiling():
