@@ -265,10 +265,10 @@ HASWELL_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+
 
 
 def test_linear_on_a_cpu_without_avx512(tmp_path):
+    """The AVX2 tile (kernels/matmul.py, WIDE_REGISTERS False), compiled as numba would for a Haswell CPU: the same
+    linear and attention tests, run in a subprocess (the choice is frozen at import)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip(f"forces an x86 target (Haswell's features): cannot run on {platform.machine()}")
-    """The AVX2 tile (kernels/matmul.py, WIDE_REGISTERS False), compiled as numba would for a Haswell CPU: the same
-    linear tests, run in a subprocess (the choice is frozen at import)."""
     if os.environ.get("NUMBA_CPU_FEATURES"):
         pytest.skip("this run already targets a chosen CPU")
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL_FEATURES,
@@ -279,7 +279,7 @@ def test_linear_on_a_cpu_without_avx512(tmp_path):
              f"import bgesmall; assert bgesmall.load({str(minilm_path())!r}, precision='bf16').precision == 'fp32'; "
              "assert m.linear_bf16_panels._disp is None and m.linear_bf16_split._disp is None")
     subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=300)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "linear"],
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "linear or attention"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
