@@ -1,7 +1,8 @@
 """What the framework adapters (bgesmall.langchain, .llama_index, .haystack, .chroma) have in common.
 
 - `shared_model`: one loaded Model per (folder, threads, load options), shared by every adapter instance that
-  asks for the same one while any of them is alive (a weak cache: a model nobody holds is freed).
+  asks for the same one while any of them is alive (a weak cache: a model nobody holds is freed). The precision
+  option is keyed as the tier asked for ("BF16" and "bf16" are one; absent or None: $BGESMALL_PRECISION, else fp32).
 - `passage_vectors` / `query_vectors`: the input rule for what a framework passes (None or [] gives an empty
   result; a str or a non-string item raises TypeError naming it, as Model.embed does), then the embedding, with
   BGE's query instruction for queries only.
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .model import Model, load
+from .precision import check_precision, requested
 from .threads import default_workers
 from .tokenizer import check_texts
 
@@ -34,7 +36,8 @@ def shared_model(model=None, *, threads: int | None = None, **load_kwargs) -> Mo
     loaded once and shared with every caller that names the same folder, threads and load options.
 
     model: a model folder (str or path), None for the BGE-small weights bgesmall.load finds, or a loaded Model.
-    load_kwargs: passed to bgesmall.load as they are, so a load option added there works here unchanged.
+    load_kwargs: passed to bgesmall.load as they are, so a load option added there works here unchanged;
+    precision ("fp32" or "bf16", any case) is checked first and passed in its canonical spelling.
     """
     if isinstance(model, Model):
         if threads is not None or load_kwargs:
@@ -45,13 +48,16 @@ def shared_model(model=None, *, threads: int | None = None, **load_kwargs) -> Mo
             )
         return model
     check_model_argument(model)
+    load_kwargs = canonical_options(load_kwargs)
+    tier = requested(load_kwargs.get("precision"))  # a bad tier fails before the model is looked for
     if model is None:
         from .locate import find_model_dir
 
         folder = find_model_dir()
     else:
         folder = Path(model).expanduser().resolve()
-    key = (str(folder), default_workers() if threads is None else threads, _options_key(load_kwargs))
+    options = {**load_kwargs, "precision": tier}
+    key = (str(folder), default_workers() if threads is None else threads, _options_key(options))
     with _models_lock:  # one load per key, even when threads ask at once
         found = _models.get(key)
         if found is None:
@@ -59,13 +65,20 @@ def shared_model(model=None, *, threads: int | None = None, **load_kwargs) -> Mo
         return found
 
 
+def canonical_options(load_kwargs: dict) -> dict:
+    """The load options with precision, when given, checked and in its canonical spelling ("BF16" -> "bf16")."""
+    if load_kwargs.get("precision") is None:
+        return dict(load_kwargs)
+    return {**load_kwargs, "precision": check_precision(load_kwargs["precision"])}
+
+
 def load_arguments(model, threads: int | None, load_kwargs: dict) -> dict:
     """What rebuilds an adapter's model, for a framework's saved config: shared_model(**load_arguments(...)).
     The folder as given (None stays None: the BGE-small weights wherever the loading machine has them); for a
-    loaded Model, its folder and threads."""
+    loaded Model, its folder, threads and the precision it runs."""
     if isinstance(model, Model):
-        return {"model": str(model.path), "threads": model.threads, **load_kwargs}
-    return {"model": None if model is None else str(model), "threads": threads, **load_kwargs}
+        return {"model": str(model.path), "threads": model.threads, "precision": model.precision, **load_kwargs}
+    return {"model": None if model is None else str(model), "threads": threads, **canonical_options(load_kwargs)}
 
 
 def check_model_argument(model) -> None:

@@ -1,7 +1,8 @@
 """The `bgesmall` command: embed, similarity, info, download, serve.
 
-Exit codes: 0 success, 2 usage error (argparse), 1 runtime failure with the reason on stderr (no traceback for
-an expected failure: a missing model, a bad input line, a failed download, an unwritable output).
+Exit codes: 0 success, 2 usage error (argparse, or a --precision / $BGESMALL_PRECISION that is not a tier: one
+line naming the valid ones), 1 runtime failure with the reason on stderr (no traceback for an expected failure: a
+missing model, a bad input line, a failed download, an unwritable output).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import IO
 from collections.abc import Iterable, Iterator
@@ -176,10 +178,15 @@ class JsonArrayWriter:
 # ---- commands ----
 
 
-def _load(model_dir: str | None):
+def _load(model_dir: str | None, precision: str | None = None, command: str = "embed"):
+    """bgesmall.load, its warnings (bf16 asked for on a CPU without AVX512_BF16) said on one line each."""
     import bgesmall
 
-    return bgesmall.load(model_dir)
+    with warnings.catch_warnings(record=True) as said:  # the filters in force still apply
+        model = bgesmall.load(model_dir, precision=precision)
+    for w in said:
+        print(f"{PROG} {command}: {str(w.message).removeprefix('bgesmall: ')}", file=sys.stderr)
+    return model
 
 
 def _progress(total: int | None, enabled: bool):
@@ -195,10 +202,7 @@ def _tee(texts: Iterable[str], seen: list[str]) -> Iterator[str]:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .precision import check_precision
-
     parser: argparse.ArgumentParser = args.subparser
-    check_precision(args.precision)  # a ValueError: one line, exit 1
     if _table_job(args):
         return _embed_table(args)
     if args.keep or args.strict or args.overwrite or args.shard_rows is not None:
@@ -295,7 +299,7 @@ def _embed_table_here(args: argparse.Namespace, opts, out: Path, settings) -> in
     from .parquet_io import Input
 
     inp = Input.open(args.input, args.field)
-    model = _load(args.model)
+    model = _load(args.model, args.precision)
     if out.suffix.lower() == ".parquet":
         if out.parent and not out.parent.is_dir():
             raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
@@ -326,7 +330,7 @@ def _embed_on_ray(args: argparse.Namespace, opts, out: Path, settings) -> int:
 def _embed_stream(args, texts: Iterable[str], total: int | None, out: Path | None, kind: str | None,
                   records: list | None) -> int:
     """Embed `texts` chunk by chunk and stream the rows to the chosen writer."""
-    model = _load(args.model)
+    model = _load(args.model, args.precision)
     if out is not None and out.parent and not out.parent.is_dir():
         raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
     seen: list[str] = []
@@ -371,7 +375,7 @@ def _embed_stream(args, texts: Iterable[str], total: int | None, out: Path | Non
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:
-    model = _load(args.model)
+    model = _load(args.model, args.precision, "similarity")
     a = model.embed_queries([args.a]) if args.query else model.embed([args.a])
     b = model.embed([args.b])
     print(f"{float(a[0] @ b[0]):.6f}")  # rows are unit vectors: the dot product is the cosine
@@ -406,14 +410,32 @@ def _numba_cache_dir() -> str:
         return "next to the kernel modules (__pycache__), else numba's user cache"
 
 
-def info_dict(model) -> dict:
+TIERS_SAID = {"fp32": "the exact tier, float32 throughout",
+              "bf16": "linear layers in bfloat16 via AVX512_BF16; sums and the rest in float32"}
+
+
+def precision_note(asked: str, runs: str) -> str | None:
+    """Why the tier that runs is not the one asked for (None when it is)."""
+    if asked == runs:
+        return None
+    if asked == "bf16":
+        return "bf16 was asked for, but this CPU has no AVX512_BF16: the exact fp32 tier runs instead"
+    return f"{asked} was asked for, but {runs} runs"
+
+
+def info_dict(model, precision: str | None = None) -> dict:
+    """What `bgesmall info` says; `precision`: the tier asked for (default: the one that runs)."""
     from . import download
 
     cfg = model.config
+    asked = precision or model.precision
     return {
         "model": model.name,
         "path": str(model.path),
         "pinned": f"{download.REPO_ID}@{download.REVISION}",
+        "precision": model.precision,
+        "precision_requested": asked,
+        "precision_note": precision_note(asked, model.precision),
         "dim": model.dim,
         "parameters": model.num_parameters,
         "max_tokens": model.max_tokens,
@@ -429,14 +451,16 @@ def info_dict(model) -> dict:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model = _load(args.model)
-    info = info_dict(model)
+    model = _load(args.model, args.precision, "info")
+    info = info_dict(model, args.precision)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     rows = [
         ("model", info["model"]),
         ("path", info["path"]),
+        ("precision", f"{info['precision']} ({TIERS_SAID.get(info['precision'], info['precision'])})"
+                      + (f"; {info['precision_note']}" if info["precision_note"] else "")),
         ("dimensions", info["dim"]),
         ("parameters", f"{info['parameters']:,}"),
         ("max tokens", f"{info['max_tokens']} (incl. [CLS] and [SEP])"),
@@ -461,9 +485,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .plan import ENV_PLAN, fingerprint, plan_path
     from .tune import plan_for
 
-    model = bgesmall.load(args.model, plan="default")  # the weights, without measuring twice
+    model = bgesmall.load(args.model, plan="default", precision=args.precision)  # the weights, measured once below
     plan = plan_for(model.config, model.weights, model.threads, remeasure=True)
-    print(f"model: {model.name}, {model.threads} threads, CPU: {fingerprint(model.config, model.threads)['cpu']}")
+    fp = fingerprint(model.config, model.threads, model.precision)
+    print(f"model: {model.name}, {model.precision}, {model.threads} threads, CPU: {fp['cpu']}")
     print("best time of each candidate (ms), candidates taking turns; * the one chosen:")
     for decision, times in plan.timings.items():
         chosen = _chosen(plan, decision, times)
@@ -472,7 +497,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print("plan:")
     for line in plan.describe():
         print(f"  {line}")
-    path = plan_path(fingerprint(model.config, model.threads))
+    path = plan_path(fp)
     print(f"kept in {path}" if path.is_file() else "not kept (see the message above): used by this process only")
     if os.environ.get(ENV_PLAN):
         print(f"note: {ENV_PLAN}={os.environ[ENV_PLAN]} is set, so loads use that instead; unset it to use this plan")
@@ -581,6 +606,7 @@ EPILOGS = {
   bgesmall embed --input docs.jsonl --field body --output out.jsonl   # records + "embedding"
   cat docs.txt | bgesmall embed - --output docs.npy         # read standard input
   bgesmall embed --model path/to/all-MiniLM-L6-v2 "any BERT checkpoint folder"
+  bgesmall embed --precision bf16 --input docs.txt --output docs.npy   # bf16 tier (CPUs with AVX512_BF16)
   bgesmall embed --input docs.parquet --field text --keep id,url --output vectors.parquet
   bgesmall embed --input 'docs/*.parquet' --output vectors/       # resumable: run it again after a kill
   bgesmall embed --ray auto --input 'docs/*.parquet' --output vectors/   # on a Ray cluster; resumable too
@@ -590,11 +616,13 @@ Large inputs are streamed in chunks of --batch-size texts (bounded memory, input
     "similarity": """examples:
   bgesmall similarity "The cat sits on the mat." "A cat is sitting on a mat."
   bgesmall similarity --query "what is a cat?" "Cats are small domesticated carnivores."
+  bgesmall similarity --precision bf16 "a cat" "a kitten"
 
 Prints the cosine similarity of the two embeddings (a number in [-1, 1]).""",
     "info": """examples:
   bgesmall info
-  bgesmall info --model path/to/model --json""",
+  bgesmall info --model path/to/model --json
+  bgesmall info --precision bf16                 # the tier that runs, and why if it is not bf16""",
     "tune": """examples:
   bgesmall tune
   bgesmall tune --model path/to/model
@@ -614,7 +642,8 @@ final name; a rerun resumes a broken transfer and skips verified files. Environm
 HF_HUB_OFFLINE=1 (no network: stop).""",
     "serve": """examples:
   bgesmall serve                                   # http://127.0.0.1:8000/v1/embeddings
-  bgesmall serve --host 0.0.0.0 --port 8080 --api-key secret""",
+  bgesmall serve --host 0.0.0.0 --port 8080 --api-key secret
+  bgesmall serve --precision bf16                  # /health and /v1/models say the tier that runs""",
 }
 
 
@@ -628,6 +657,14 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None,
                    help="a BERT checkpoint folder (config.json, model.safetensors, tokenizer.json); "
                         "default: the BGE-small weights bgesmall finds (see `bgesmall download --help`)")
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    """--precision TIER; checked (exit 2, one line) by main and by the server's run, not by argparse, so that the
+    message is one line and $BGESMALL_PRECISION is checked the same way."""
+    p.add_argument("--precision", default=None, metavar="TIER",
+                   help="numeric tier: fp32, the exact engine, or bf16 (linear layers in bfloat16; needs a CPU with "
+                        "AVX512_BF16, elsewhere fp32 runs, with a warning); default $BGESMALL_PRECISION, else fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -645,8 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", metavar="NAME", help="read JSONL input and embed this field of each record")
     p.add_argument("--output", "-o", metavar="FILE", help="write FILE.npy (float32 [n, dim]), FILE.jsonl or FILE.json")
     p.add_argument("--query", action="store_true", help="embed as search queries (prepends BGE's instruction)")
-    p.add_argument("--precision", default="fp32", metavar="TIER",
-                   help="numeric tier: fp32, the exact engine (the only one in this build; default)")
+    add_precision(p)
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="texts per chunk (default 256)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     # tables and jobs (bgesmall.jobs, bgesmall.ray): --input FILE.parquet|FOLDER|'GLOB', --output FILE.parquet|FOLDER
@@ -670,17 +706,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", metavar="TEXT")
     p.add_argument("b", metavar="TEXT")
     p.add_argument("--query", action="store_true", help="embed the first text as a query (BGE's instruction)")
+    add_precision(p)
     p.set_defaults(func=cmd_similarity, subparser=p)
 
     p = sub.add_parser("info", help="model, dimensions, threads, caches", epilog=EPILOGS["info"],
                        description="Show the model found (or given), its shape, and the runtime's threads and caches.")
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_precision(p)
     p.set_defaults(func=cmd_info, subparser=p)
 
     p = sub.add_parser("tune", help="measure and keep the fastest kernels for this machine", epilog=EPILOGS["tune"],
-                       description="Measure bgesmall's candidate kernels on this CPU and keep the fastest plan.")
+                       description="Measure bgesmall's candidate kernels on this CPU and keep the fastest plan "
+                                   "(each tier has its own plan: --precision).")
     _add_model(p)
+    add_precision(p)
     p.set_defaults(func=cmd_tune, subparser=p)
 
     from . import download
@@ -720,6 +760,14 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
+    if hasattr(args, "precision"):  # before anything is loaded or written: a bad tier is a usage error
+        from .precision import requested
+
+        try:
+            args.precision = requested(args.precision)  # canonical ("BF16" -> "bf16"), $BGESMALL_PRECISION if unset
+        except ValueError as e:
+            print(f"{PROG} {args.command}: {e}", file=sys.stderr)
+            return 2
     from . import download
 
     try:

@@ -3,7 +3,9 @@
 A job folder holds part-000000.parquet, part-000001.parquet, ... (each `shard_rows` input rows, in order) and
 manifest.json. A shard is written under a hidden temporary name, fsync'd and renamed when complete, so a file
 with a final name is always whole. The same job run again continues after the last complete shard; a job whose
-input, model, precision or settings differ from the manifest's is refused, with what changed said.
+input, model, precision or settings differ from the manifest's is refused, with what changed said. The precision
+recorded is the tier that runs (Model.precision: bf16 asked for on a CPU without AVX512_BF16 runs, and is
+recorded as, fp32), so a folder never mixes shards of two tiers.
 
 Every shard's rows are embedded in chunks of `batch_size` rows counted from the shard's first row, one model
 call per chunk: the grouping depends on the shard's rows alone, so a resumed job's vectors are bit for bit those
@@ -28,7 +30,7 @@ from .columns import EmbedOptions, check_keep, embed_batch, empty_output
 from .fingerprint import combined, model_file_hashes
 from .parquet_io import (Input, ParquetStream, TableError, commit, conform, part_name, pyarrow,
                          write_table_atomically)
-from .precision import DEFAULT as DEFAULT_PRECISION, check_precision
+from .precision import check_precision
 from .progress import Progress
 
 MANIFEST = "manifest.json"
@@ -142,22 +144,26 @@ def embed_to_file(model, inp: Input, out: Path, opts: EmbedOptions, *, batch_siz
 class JobSettings:
     shard_rows: int = DEFAULT_SHARD_ROWS
     batch_size: int = 256
-    precision: str = DEFAULT_PRECISION  # the numeric tier (bgesmall.precision): only "fp32" is built
+    # the numeric tier asked for (bgesmall.precision: "fp32" or "bf16", any case, kept canonical); None:
+    # $BGESMALL_PRECISION, else fp32, when the model is loaded. The manifest records the tier that runs.
+    precision: str | None = None
 
     def __post_init__(self):
-        check_precision(self.precision)
+        if self.precision is not None:
+            object.__setattr__(self, "precision", check_precision(self.precision))
 
 
 def shard_path(folder: Path, index: int) -> Path:
     return folder / f"part-{index:06d}.parquet"
 
 
-def job_identity(model: dict, inp: Input, opts: EmbedOptions, settings: JobSettings) -> dict:
-    """What a resumed job must share with the one that started the folder (`model`: a folder_identity)."""
+def job_identity(model: dict, inp: Input, opts: EmbedOptions, settings: JobSettings, precision: str) -> dict:
+    """What a resumed job must share with the one that started the folder (`model`: a folder_identity;
+    `precision`: the tier its shards are embedded in)."""
     return {
         "input": inp.fingerprint(),
         "model": model,
-        "precision": settings.precision,
+        "precision": precision,
         "query": opts.query,
         "keep": list(opts.keep) if opts.keep is not None else None,
         "output_column": opts.output_column,
@@ -287,6 +293,10 @@ class Shards(Protocol):
 
     def model_identity(self) -> dict: ...
 
+    def precision(self, settings: JobSettings) -> str:
+        """The tier the shards are embedded in, as the manifest records it (known before anything is embedded)."""
+        ...
+
     def embed(self, shards: Iterator, opts: EmbedOptions, settings: JobSettings, where: Callable[[int], str],
               on_rows: Callable[[int], None]) -> Iterator[tuple[list, list[int]]]: ...
 
@@ -302,6 +312,9 @@ class HereShards:
     def model_identity(self) -> dict:
         return model_identity(self.model)
 
+    def precision(self, settings: JobSettings) -> str:
+        return self.model.precision  # what runs: loaded with settings.precision, or fp32 where bf16 cannot run
+
     def embed(self, shards, opts, settings, where, on_rows):
         for first_row, table in shards:
             yield embed_shard(self.model, table, opts, where, first_row, settings.batch_size, on_rows)
@@ -312,7 +325,8 @@ class HereShards:
 
 def run_job(model, inp: Input, folder: Path, opts: EmbedOptions, settings: JobSettings = JobSettings(), *,
             overwrite: bool = False, progress: bool = True) -> Summary:
-    """Embed the input into `folder` as shards, continuing after the last complete shard of an earlier run."""
+    """Embed the input into `folder` as shards, continuing after the last complete shard of an earlier run.
+    The model is loaded by the caller (with settings.precision); the manifest records model.precision."""
     return run_shards(HereShards(model), inp, folder, opts, settings, overwrite=overwrite, progress=progress)
 
 
@@ -321,7 +335,7 @@ def run_shards(engine: Shards, inp: Input, folder: Path, opts: EmbedOptions, set
     """run_job with the shards embedded by `engine`; this process reads, plans, writes and keeps the manifest."""
     check_keep(inp.empty_batch().schema, opts.keep)
     job = JobFolder(folder)
-    identity = job_identity(engine.model_identity(), inp, opts, settings)
+    identity = job_identity(engine.model_identity(), inp, opts, settings, engine.precision(settings))
     manifest = job.prepare(overwrite)
     if manifest is not None:
         changed = differences(manifest["job"], identity)

@@ -18,6 +18,12 @@ restarted and its batches retried (Ray Data's max_restarts / max_task_retries), 
 `bgesmall embed --ray` (run_job here) is the resumable job folder of bgesmall.jobs with its shards embedded by
 one ShardActor per node: the driver reads the input and writes the shards and the manifest.
 
+Precision (bgesmall.precision): "fp32" or "bf16", any case; None is the driver's $BGESMALL_PRECISION, else fp32,
+decided on the driver and sent to the actors. Embedder and embed_dataset run what the node can (bf16 on a CPU
+without AVX512_BF16 runs fp32, with a warning, as bgesmall.load does); a job folder's shards must all be of the
+tier its manifest records, so there every actor must run the tier asked for, or the job stops saying which node
+cannot.
+
 This module is bgesmall.ray; `import ray` here is the real Ray (imports are absolute in Python 3).
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,7 +43,7 @@ import ray.data
 from .columns import EMBEDDING, EmbedOptions, embed_batch, empty_output
 from .fingerprint import combined, model_file_hashes, model_file_names, sha256_bytes
 from .parquet_io import TableError, pyarrow
-from .precision import DEFAULT as DEFAULT_PRECISION, check_precision
+from .precision import requested
 
 DEFAULT_BATCH_ROWS = 256  # rows per map_batches call: ~3-4 s of work per core, small against Ray's overhead
 
@@ -102,12 +109,13 @@ class Embedder:
 
     def __init__(self, model: ModelBundle | str | None = None, column: str = "text", output_column: str = EMBEDDING,
                  query: bool = False, strict: bool = False, keep: list[str] | None = None, threads: int | None = None,
-                 precision: str = DEFAULT_PRECISION):
+                 precision: str | None = None):
         import bgesmall
 
-        self.precision = check_precision(precision)  # before anything is loaded
+        asked = requested(precision)  # checked before anything is loaded
         folder = model.materialize() if isinstance(model, ModelBundle) else model
-        self.model = bgesmall.load(folder, threads=threads or _actor_cpus())
+        self.model = bgesmall.load(folder, threads=threads or _actor_cpus(), precision=asked)
+        self.precision = self.model.precision  # the tier that runs on this node
         self.opts = EmbedOptions(field=column, output_column=output_column, query=query, strict=strict,
                                  keep=tuple(keep) if keep is not None else None)
 
@@ -122,7 +130,7 @@ class Embedder:
 
 
 def embed_dataset(ds: "ray.data.Dataset", column: str = "text", output_column: str = EMBEDDING, model=None,
-                  query: bool = False, precision: str = DEFAULT_PRECISION, *, strict: bool = False,
+                  query: bool = False, precision: str | None = None, *, strict: bool = False,
                   keep: list[str] | None = None,
                   batch_size: int = DEFAULT_BATCH_ROWS, concurrency: int | None = None, num_cpus: float | None = None,
                   threads: int | None = None, model_path_shared: bool = False):
@@ -133,9 +141,10 @@ def embed_dataset(ds: "ray.data.Dataset", column: str = "text", output_column: s
     the node's CPUs (num_cpus), so that Ray Data's read and write tasks can be scheduled beside it (an actor
     holding every CPU starves them, and the job never starts), and running one engine thread per core of the
     node (threads), since those tasks mostly wait on I/O. Ray Data restarts a dead actor and retries its batches
-    (its defaults max_restarts=-1, max_task_retries=-1). precision: "fp32", the only tier built (bgesmall.precision);
-    another value is refused here, before anything starts."""
-    check_precision(precision)
+    (its defaults max_restarts=-1, max_task_retries=-1). precision: "fp32" (the exact tier) or "bf16", any case;
+    default the driver's $BGESMALL_PRECISION, else fp32; another value is a ValueError here, before anything starts.
+    A node whose CPU lacks AVX512_BF16 runs bf16 as fp32 (with a warning), as bgesmall.load does."""
+    precision = requested(precision)
     if isinstance(model, ModelBundle):
         bundle = model
     else:
@@ -176,6 +185,7 @@ class ShardActor:
     retries (constructor arguments holding object refs would have to outlive the job for a restart to work)."""
 
     def __init__(self, opts: EmbedOptions, batch_size: int, where, precision: str, threads: int | None = None):
+        """precision: the job's tier (canonical), which this actor's model must run."""
         self.opts, self.batch_size, self.where = opts, batch_size, where
         self.precision, self.threads = precision, threads
         self.embedder: Embedder | None = None
@@ -186,6 +196,13 @@ class ShardActor:
             self.embedder = Embedder(model=model, column=opts.field, output_column=opts.output_column,
                                      query=opts.query, strict=opts.strict, threads=self.threads,
                                      keep=list(opts.keep) if opts.keep is not None else None, precision=self.precision)
+            if self.embedder.precision != self.precision:  # a shard of another tier would break the folder
+                from .jobs import JobError
+
+                runs, self.embedder = self.embedder.precision, None
+                raise JobError(f"node {socket.gethostname()} runs precision {runs!r}, not this job's "
+                               f"{self.precision!r} (bf16 needs a CPU with AVX512_BF16): run the job where every "
+                               f"node can, or as a new job (another --output) with --precision {runs}")
         return os.getpid()
 
     def embed(self, model: ModelBundle, first_row: int, table) -> tuple[list, list[int]]:
@@ -221,6 +238,9 @@ class RayShards:
 
         return folder_identity(self.folder, self.folder.name)
 
+    def precision(self, settings) -> str:
+        return requested(settings.precision)  # every actor must run it (ShardActor.load)
+
     def _connect(self, opts: EmbedOptions, batch_size: int, where, precision: str) -> None:
         if self.actors:
             return
@@ -247,7 +267,7 @@ class RayShards:
         self.stats["actors_ready"] = time.perf_counter() - self.start
 
     def embed(self, shards, opts, settings, where, on_rows):
-        self._connect(opts, settings.batch_size, where, settings.precision)
+        self._connect(opts, settings.batch_size, where, self.precision(settings))
         ahead = AHEAD_PER_ACTOR * len(self.actors)
         queued = {a: 0 for a in range(len(self.actors))}
         at_work: dict = {}  # ObjectRef -> (shard number in this run, actor index)
@@ -282,7 +302,7 @@ class RayShards:
             done[number] = finished[0]
 
     def empty(self, inp, opts, settings):
-        self._connect(opts, settings.batch_size, inp.where, settings.precision)
+        self._connect(opts, settings.batch_size, inp.where, self.precision(settings))
         return _get(self.actors[0].empty.remote(self.bundle, inp.empty_batch()))
 
     def close(self) -> None:

@@ -321,7 +321,8 @@ def test_haystack_serialization_and_bad_input(minilm_dir, minilm):
     }
     assert from_bgesmall.BgeSmallDocumentEmbedder.from_dict(data).to_dict() == data
     text = from_bgesmall.BgeSmallTextEmbedder(minilm)  # a loaded Model serializes as its folder
-    assert text.to_dict()["init_parameters"] == {"model": str(minilm.path), "threads": minilm.threads}
+    assert text.to_dict()["init_parameters"] == {"model": str(minilm.path), "threads": minilm.threads,
+                                                 "precision": minilm.precision}
 
     assert docs.run([])["documents"] == [] and docs.run(None)["documents"] == []
     with pytest.raises(TypeError, match="input 1 is str, not a haystack Document"):
@@ -375,7 +376,8 @@ def test_chroma_vectors_config_and_bad_input(minilm_dir, minilm):
     rebuilt = from_bgesmall.BgeSmallEmbeddingFunction.build_from_config(ef.get_config())
     assert rebuilt.model is ef.model and not ef.is_legacy() and ef.name() == "bgesmall"
     given_model = from_bgesmall.BgeSmallEmbeddingFunction(minilm)
-    assert given_model.get_config() == {"model": str(minilm.path), "threads": minilm.threads}
+    assert given_model.get_config() == {"model": str(minilm.path), "threads": minilm.threads,
+                                        "precision": minilm.precision}
     # no folder given: the config says so, and a machine that rebuilds it finds its own BGE-small weights
     assert adapters.load_arguments(None, None, {}) == {"model": None, "threads": None}
     assert ef([]) == [] and ef(None) == [] and ef.embed_query([]) == []
@@ -432,14 +434,59 @@ def test_shared_model_loads_once_under_concurrent_calls(minilm_dir, monkeypatch)
 
 
 def test_unknown_keywords_go_to_load(minilm, monkeypatch):
-    """A load option bgesmall.load may gain (say precision=...) reaches it through every adapter unchanged."""
+    """A load option bgesmall.load may gain reaches it through every adapter unchanged."""
     calls = []
     monkeypatch.setattr(adapters, "load", lambda path, **kwargs: calls.append(kwargs) or minilm)
-    models = _all_four("some/model", threads=2, precision="a future option")
+    models = _all_four("some/model", threads=2, future_option="a future option")
     assert all(m is minilm for m in models)
-    assert calls == [{"threads": 2, "precision": "a future option"}]  # one load, shared by all four
-    haystack_embedder = adapter("haystack").BgeSmallTextEmbedder("some/model", precision="a future option")
-    assert haystack_embedder.to_dict()["init_parameters"]["precision"] == "a future option"
+    assert calls == [{"threads": 2, "future_option": "a future option"}]  # one load, shared by all four
+    haystack_embedder = adapter("haystack").BgeSmallTextEmbedder("some/model", future_option="a future option")
+    assert haystack_embedder.to_dict()["init_parameters"]["future_option"] == "a future option"
+
+
+def test_precision_reaches_load_from_every_adapter(minilm, monkeypatch):
+    """precision="bf16" (any case) reaches bgesmall.load from each adapter, canonical; "BF16" and "bf16" share
+    one model, fp32 is another; saved configs keep it; a value that is not a tier fails before any load."""
+    class Loaded:  # a stand-in for the model each load makes (a new one per load)
+        name = "stand-in"
+
+    calls = []
+    monkeypatch.setattr(adapters, "load", lambda path, **kwargs: calls.append(kwargs) or Loaded())
+    monkeypatch.delenv("BGESMALL_PRECISION", raising=False)
+    bf16 = _all_four("some/model", threads=2, precision="BF16")
+    assert calls == [{"threads": 2, "precision": "bf16"}] and all(m is bf16[0] for m in bf16)
+    assert all(m is bf16[0] for m in _all_four("some/model", threads=2, precision="bf16"))
+    monkeypatch.setenv("BGESMALL_PRECISION", "bf16")  # the default tier is keyed as the tier asked for
+    assert adapters.shared_model("some/model", threads=2) is bf16[0] and len(calls) == 1
+    monkeypatch.delenv("BGESMALL_PRECISION")
+    fp32 = _all_four("some/model", threads=2, precision="fp32")
+    assert fp32[0] is not bf16[0] and calls[1:] == [{"threads": 2, "precision": "fp32"}]
+    assert adapter("haystack").BgeSmallDocumentEmbedder("some/model", precision="BF16").to_dict()[
+        "init_parameters"]["precision"] == "bf16"
+    assert adapter("chroma").BgeSmallEmbeddingFunction("some/model", threads=2, precision="BF16").get_config() == {
+        "model": "some/model", "threads": 2, "precision": "bf16"}
+    for make in (adapter("langchain").BgeSmallEmbeddings, adapter("llama_index").BgeSmallEmbedding,
+                 adapter("chroma").BgeSmallEmbeddingFunction, adapter("haystack").BgeSmallTextEmbedder,
+                 adapter("haystack").BgeSmallDocumentEmbedder):
+        with pytest.raises(ValueError, match=r"precision 'int8' is not a tier.*'fp32', 'bf16'"):
+            make("some/model", precision="int8")
+    assert len(calls) == 2
+
+
+def test_a_bf16_adapter_embeds_within_the_tiers_fidelity(minilm_dir, minilm):
+    from bgesmall.kernels.matmul import HAS_BF16
+
+    embeddings = adapter("langchain").BgeSmallEmbeddings(minilm_dir, precision="bf16")
+    assert embeddings.model.precision == ("bf16" if HAS_BF16 else "fp32") and embeddings.model is not minilm
+    texts = list(CORPUS.values())
+    got = np.array(embeddings.embed_documents(texts), np.float32)
+    exact = minilm.embed(texts)
+    assert np.sum(got * exact, axis=1).min() >= 0.9995  # unit rows: the dot product is the cosine
+    query = np.array(embeddings.embed_query(QUERY), np.float32)
+    assert float(query @ minilm.embed_queries([QUERY])[0]) >= 0.9995
+    chroma = adapter("chroma").BgeSmallEmbeddingFunction(embeddings.model)  # a loaded bf16 model, saved as such
+    assert chroma.get_config()["precision"] == embeddings.model.precision
+    assert adapter("chroma").BgeSmallEmbeddingFunction.build_from_config(chroma.get_config()).model is embeddings.model
 
 
 def test_a_missing_framework_names_its_extra():

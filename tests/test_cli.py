@@ -259,3 +259,105 @@ def test_bad_thread_setting_exits_1_with_the_reason(minilm, capsys, monkeypatch)
     monkeypatch.setenv("BGESMALL_NUM_THREADS", "abc")
     assert cli.main(["info", "--model", str(minilm)]) == 1
     assert "BGESMALL_NUM_THREADS='abc' is not a whole number" in capsys.readouterr().err
+
+
+# ---- precision (issue 10): --precision fp32|bf16 on embed, similarity, info and serve ----
+
+LONG = "word " * 400  # over MiniLM's 256 tokens: truncated in both tiers
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def bf16_model(minilm):
+    return bgesmall.load(minilm, precision="bf16")
+
+
+def test_bf16_embed_accepts_what_fp32_accepts_and_stays_close(tmp_path, minilm, model, bf16_model):
+    from bgesmall.kernels.matmul import HAS_BF16
+
+    texts = [*TEXTS, LONG, "\x07 control \x1b characters", "a"]
+    r = run(["embed", "--model", str(minilm), "--precision", "BF16", *texts], tmp_path)  # any case
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode()
+    got = np.array(json.loads(r.stdout), dtype=np.float32)
+    exact = model.embed(texts)
+    assert got.shape == exact.shape
+    assert cosines(got, exact).min() >= 0.9995
+    np.testing.assert_allclose(got, bf16_model.embed(texts), atol=1e-6)  # the library's bf16 vectors
+    assert bf16_model.precision == ("bf16" if HAS_BF16 else "fp32")
+    if HAS_BF16:
+        assert not np.array_equal(got, exact), "bf16 ran the exact tier"
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    assert cli.main(["embed", "--model", str(minilm), "--precision", "bf16", "-q", "-i", str(tmp_path / "in.txt"),
+                     "-o", str(tmp_path / "out.npy"), "--batch-size", "3"]) == 0
+    assert cosines(np.load(tmp_path / "out.npy"), exact).min() >= 0.9995
+
+
+def test_bf16_similarity_and_info_say_the_tier(minilm, model, bf16_model, capsys):
+    assert cli.main(["similarity", "--model", str(minilm), "--precision", "bf16", TEXTS[0], TEXTS[1]]) == 0
+    a, b = model.embed(TEXTS[:2])
+    assert float(capsys.readouterr().out) == pytest.approx(float(a @ b), abs=2e-3)
+    assert cli.main(["info", "--model", str(minilm), "--precision", "bf16", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["precision"] == bf16_model.precision and info["precision_requested"] == "bf16"
+    assert (info["precision_note"] is None) == (bf16_model.precision == "bf16")  # said when bf16 cannot run
+    assert cli.main(["info", "--model", str(minilm), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["precision"] == info["precision_requested"] == "fp32" and info["precision_note"] is None
+    assert cli.main(["info", "--model", str(minilm)]) == 0
+    assert "precision:     fp32 (the exact tier" in capsys.readouterr().out
+
+
+def test_the_environment_sets_the_default_precision_and_the_flag_beats_it(minilm, bf16_model, capsys, monkeypatch):
+    monkeypatch.setenv("BGESMALL_PRECISION", "BF16")
+    assert cli.main(["info", "--model", str(minilm), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == bf16_model.precision
+    assert cli.main(["info", "--model", str(minilm), "--json", "--precision", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "fp32"
+
+
+def test_info_says_why_bf16_does_not_run_on_a_cpu_without_avx512_bf16(minilm, capsys, monkeypatch):
+    import bgesmall.kernels.matmul as matmul
+    from bgesmall import precision as tiers
+
+    monkeypatch.setattr(matmul, "HAS_BF16", False)
+    monkeypatch.setattr(tiers, "_warned", False)
+    assert cli.main(["info", "--model", str(minilm), "--precision", "bf16"]) == 0
+    captured = capsys.readouterr()
+    row = next(line for line in captured.out.splitlines() if line.startswith("precision:"))
+    assert "fp32 (the exact tier" in row and "bf16 was asked for, but this CPU has no AVX512_BF16" in row
+    # the library's warning, said on one line of stderr, not as a Python warning with its source line
+    assert captured.err.count("\n") == 1 and captured.err.startswith("bgesmall info: precision 'bf16' needs a CPU")
+    monkeypatch.setattr(tiers, "_warned", False)
+    assert cli.main(["info", "--model", str(minilm), "--precision", "bf16", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["precision"] == "fp32" and info["precision_requested"] == "bf16"
+    assert "no AVX512_BF16" in info["precision_note"]
+
+
+@pytest.mark.parametrize("command", [["embed", "some text"], ["similarity", "a", "b"], ["info"], ["serve"]])
+@pytest.mark.parametrize("given", [["--precision", "int8"], ["--precision", "fp16"], ["--precision", ""]])
+def test_a_bad_precision_is_a_one_line_usage_error(command, given, tmp_path, capsys, monkeypatch):
+    import bgesmall as package
+
+    monkeypatch.setattr(package, "load", lambda *a, **k: pytest.fail("loaded a model with a bad precision"))
+    out = tmp_path / "x.npy"
+    argv = [command[0], *given, *command[1:], *(["-o", str(out)] if command[0] == "embed" else [])]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"bgesmall {command[0]}: precision ")
+    assert "valid values are 'fp32', 'bf16'" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_bad_precision_exits_2_in_a_real_process_and_from_the_environment(tmp_path, minilm):
+    for args, extra in ((["embed", "--model", str(minilm), "--precision", "int8", "x"], {}),
+                        (["serve", "--model", str(minilm), "--port", "1"], {"BGESMALL_PRECISION": "int8"}),
+                        (["info", "--model", str(minilm)], {"BGESMALL_PRECISION": "Int8"})):
+        r = run(args, tmp_path, **extra)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and r.stdout == b"", err
+        assert err.count("\n") == 1 and "Traceback" not in err and "valid values are 'fp32', 'bf16'" in err
+    assert "BGESMALL_PRECISION='Int8'" in err  # the environment is named when it is the culprit

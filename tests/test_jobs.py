@@ -304,18 +304,88 @@ def test_jsonl_records_whose_types_drift_between_shards(tmp_path, minilm_dir, ca
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [jobs.MANIFEST, "part-000000.parquet"]
 
 
-def test_precision_is_fp32_or_a_one_line_error_naming_it(tmp_path, minilm_dir, capsys):
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_a_precision_that_is_not_a_tier_is_a_one_line_usage_error(tmp_path, minilm_dir, capsys):
     write_docs(tmp_path / "docs.parquet", range(10))
     job = tmp_path / "job"
-    for where in (["a text"], ["-i", tmp_path / "docs.parquet", "-o", job]):  # plain embed, and a job folder
-        r = subprocess.run([sys.executable, "-m", "bgesmall.cli", "embed", "--model", str(minilm_dir), *map(str, where),
-                            "--precision", "bf16"], capture_output=True, text=True, env=env(), timeout=120)
-        assert r.returncode == 1 and r.stdout == "", r.stderr
-        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-        assert r.stderr.startswith("bgesmall embed: precision 'bf16' is not available")
-        assert "only the exact float32 tier ('fp32')" in r.stderr and "AVX512_BF16" in r.stderr
-    assert not job.exists()  # refused before anything was written
-    assert embed(["-i", tmp_path / "docs.parquet", "-o", job, "--precision", "fp32"], minilm_dir) == 0
-    assert json.loads((job / jobs.MANIFEST).read_text())["job"]["precision"] == "fp32"
-    with pytest.raises(ValueError, match="precision 'fp16' is not available"):
+    r = subprocess.run([sys.executable, "-m", "bgesmall.cli", "embed", "--model", str(minilm_dir), "-i",
+                        str(tmp_path / "docs.parquet"), "-o", str(job), "--precision", "int8"],
+                       capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("bgesmall embed: precision 'int8' is not a tier")
+    assert "valid values are 'fp32', 'bf16'" in r.stderr
+    assert embed(["-i", tmp_path / "docs.parquet", "-o", tmp_path / "v.parquet", "--precision", "fp16"],
+                 minilm_dir) == 2
+    assert "precision 'fp16'" in capsys.readouterr().err
+    assert not job.exists() and not (tmp_path / "v.parquet").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match=r"precision 'fp16' is not a tier.*'fp32', 'bf16'"):
         jobs.JobSettings(precision="fp16")
+    assert jobs.JobSettings(precision="BF16").precision == "bf16" and jobs.JobSettings().precision is None
+
+
+def test_a_bf16_job_records_its_tier_resumes_bit_for_bit_and_refuses_another(tmp_path, minilm_dir, minilm,
+                                                                             monkeypatch, capsys):
+    """The manifest records the tier that runs; a resumed bf16 job equals an uninterrupted one bit for bit; the
+    same folder is refused to a job of the other tier."""
+    from bgesmall.kernels.matmul import HAS_BF16
+
+    tier = "bf16" if HAS_BF16 else "fp32"  # what bf16 runs on this CPU
+    src = tmp_path / "docs.parquet"
+    docs = write_docs(src, range(40))
+    whole = tmp_path / "whole"
+    assert cli.main([*job_args(minilm_dir, src, whole), "--precision", "BF16"]) == 0
+    assert json.loads((whole / jobs.MANIFEST).read_text())["job"]["precision"] == tier
+    texts = [t for t in docs.column("text").to_pylist() if t is not None]
+    got = vectors(jobs.read_job(whole))[[t is not None for t in docs.column("text").to_pylist()]]
+    assert cosines(got, minilm.embed(texts)).min() >= 0.9995
+    if HAS_BF16:
+        assert not np.array_equal(got, minilm.embed(texts)), "bf16 ran the exact tier"
+
+    out = tmp_path / "resumed"
+    real = pq.write_table
+    calls = []
+
+    def full_on_the_third(table, where, **kw):
+        calls.append(where)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pq, "write_table", full_on_the_third)
+    assert cli.main([*job_args(minilm_dir, src, out), "--precision", "bf16"]) == 1
+    monkeypatch.setattr(pq, "write_table", real)
+    capsys.readouterr()
+    assert cli.main(job_args(minilm_dir, src, out)) == 1  # fp32 (the default) on a bf16 folder
+    err = capsys.readouterr().err
+    if HAS_BF16:
+        assert "precision changed ('bf16' -> 'fp32')" in err and "--overwrite" in err and err.count("\n") == 1
+    monkeypatch.setenv("BGESMALL_PRECISION", "bf16")  # the environment's default is the job's tier: it goes on
+    assert cli.main(job_args(minilm_dir, src, out)) == 0
+    assert "24 done by an earlier run" in capsys.readouterr().err
+    assert np.array_equal(vectors(jobs.read_job(out)), vectors(jobs.read_job(whole)), equal_nan=True)
+    assert json.loads((out / jobs.MANIFEST).read_text())["job"]["precision"] == tier
+
+
+def test_bf16_asked_for_where_it_cannot_run_is_recorded_as_fp32(tmp_path, minilm_dir, monkeypatch, capsys):
+    import bgesmall.kernels.matmul as matmul
+    from bgesmall import precision as tiers
+
+    src = tmp_path / "docs.parquet"
+    write_docs(src, range(30))
+    out = tmp_path / "job"
+    monkeypatch.setattr(matmul, "HAS_BF16", False)  # a CPU without AVX512_BF16
+    monkeypatch.setattr(tiers, "_warned", False)
+    assert cli.main([*job_args(minilm_dir, src, out), "--precision", "bf16"]) == 0
+    err = capsys.readouterr().err
+    assert "bgesmall embed: precision 'bf16' needs a CPU with AVX512_BF16" in err and "Traceback" not in err
+    manifest = json.loads((out / jobs.MANIFEST).read_text())
+    assert manifest["complete"] and manifest["job"]["precision"] == "fp32"  # what ran
+    assert cli.main([*job_args(minilm_dir, src, out), "--precision", "fp32"]) == 0  # the same tier: complete
+    monkeypatch.setattr(matmul, "HAS_BF16", True)  # the folder moved to a CPU that runs bf16
+    if matmul.has_avx512_bf16():
+        assert cli.main([*job_args(minilm_dir, src, out), "--precision", "bf16"]) == 1
+        assert "precision changed ('fp32' -> 'bf16')" in capsys.readouterr().err

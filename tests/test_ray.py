@@ -201,12 +201,72 @@ def test_cli_ray_job_killed_and_resumed_equals_an_uninterrupted_run(local_ray, t
     assert jobs.read_job(out).column("id").to_pylist() == list(range(60))
 
 
-def test_precision_other_than_fp32_is_refused_before_anything_starts(minilm_dir):
-    with pytest.raises(ValueError, match=r"precision 'bf16' is not available: .* only .* \('fp32'\)"):
-        bray.embed_dataset(None, model=minilm_dir, precision="bf16")
-    with pytest.raises(ValueError, match="AVX512_BF16"):
-        bray.Embedder(model=str(minilm_dir), precision="bf16")
-    assert bray.Embedder(model=str(minilm_dir), precision="fp32", threads=1).model.dim == 384
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_precision_is_checked_before_anything_starts_and_bf16_loads(minilm_dir, minilm):
+    from bgesmall.kernels.matmul import HAS_BF16
+
+    with pytest.raises(ValueError, match=r"precision 'int8' is not a tier.*'fp32', 'bf16'"):
+        bray.embed_dataset(None, model=minilm_dir, precision="int8")  # no dataset, no Ray: refused first
+    with pytest.raises(ValueError, match=r"precision 'int8' is not a tier"):
+        bray.Embedder(model=str(minilm_dir), precision="int8")
+    assert bray.Embedder(model=str(minilm_dir), precision="fp32", threads=1).precision == "fp32"
+    embedder = bray.Embedder(model=str(minilm_dir), precision="BF16", threads=1)  # any case
+    assert embedder.precision == embedder.model.precision == ("bf16" if HAS_BF16 else "fp32")
+    out = embedder(docs(8).slice(0, 8))
+    got = np.array(out.column("embedding").to_pylist()[:5], np.float32)
+    texts = docs(8).column("text").to_pylist()[:5]
+    assert cosines(got, minilm.embed(texts)).min() >= 0.9995
+
+
+def test_a_job_actor_that_would_run_another_tier_refuses(minilm_dir, monkeypatch):
+    """A job folder's shards are all of its manifest's tier: an actor on a node without AVX512_BF16 refuses a
+    bf16 job (said in one line) instead of embedding its shards in fp32."""
+    import bgesmall.kernels.matmul as matmul
+    from bgesmall import precision as tiers
+
+    monkeypatch.setattr(matmul, "HAS_BF16", False)
+    monkeypatch.setattr(tiers, "_warned", False)
+    bundle = bray.ModelBundle.from_folder(minilm_dir, shared=True)  # no object store: runs here, without Ray
+    actor = bray.ShardActor(bray.EmbedOptions(), 4, lambda i: f"row {i}", "bf16", threads=1)
+    with pytest.warns(RuntimeWarning), pytest.raises(jobs.JobError, match=r"runs precision 'fp32', not this job's "
+                                                                          r"'bf16' \(bf16 needs a CPU with AVX512_BF16\)"):
+        actor.load(bundle)
+    assert bray.ShardActor(bray.EmbedOptions(), 4, str, "fp32", threads=1).load(bundle) == os.getpid()
+
+
+def test_embed_dataset_and_a_cli_ray_job_in_bf16(local_ray, tmp_path, minilm_dir, minilm, capsys):
+    from bgesmall.kernels.matmul import HAS_BF16
+
+    table = docs(40)
+    texts = table.column("text").to_pylist()
+    present = [i for i, t in enumerate(texts) if t is not None]
+    exact = minilm.embed([texts[i] for i in present])
+    ds = bray.embed_dataset(ray.data.from_arrow(table), model=minilm_dir, batch_size=16, precision="BF16")
+    out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("id")
+    emb = out.column("embedding").to_pylist()
+    assert [i for i, v in enumerate(emb) if v is None] == [i for i, t in enumerate(texts) if t is None]
+    assert cosines(np.array([emb[i] for i in present], np.float32), exact).min() >= 0.9995
+
+    pq.write_table(table, tmp_path / "docs.parquet")
+    job = tmp_path / "job"
+    args = ["embed", "--ray", "--model", str(minilm_dir), "-q", "-i", str(tmp_path / "docs.parquet"), "-o", str(job),
+            "--shard-rows", "16", "--batch-size", "4"]
+    assert cli.main([*args, "--precision", "bf16"]) == 0
+    manifest = json.loads((job / jobs.MANIFEST).read_text())
+    assert manifest["complete"] and manifest["job"]["precision"] == "bf16"  # every actor must run it
+    got = vectors(jobs.read_job(job))[present]
+    assert cosines(got, exact).min() >= 0.9995
+    if HAS_BF16:
+        assert not np.array_equal(got, exact), "bf16 ran the exact tier"
+    capsys.readouterr()
+    assert cli.main(args) == 1  # the default, fp32, on a bf16 folder: refused before Ray is reached
+    err = capsys.readouterr().err
+    assert "precision changed ('bf16' -> 'fp32')" in err and "--overwrite" in err and err.count("\n") == 1
+    assert cli.main([*args, "--precision", "BF16"]) == 0  # the same tier: complete, nothing to do
+    assert "(40 done by an earlier run)" in capsys.readouterr().err
 
 
 def test_a_damaged_model_file_is_refused(local_ray, minilm_dir):

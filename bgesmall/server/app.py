@@ -44,12 +44,14 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
                max_queued_requests: int = BatchingConfig.max_queued_requests,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_inputs: int = MAX_INPUTS) -> FastAPI:
     """model: a loaded bgesmall.Model (anything with its dim, max_tokens, config.vocab_size, tokenize and
-    embed_token_ids). api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`."""
+    embed_token_ids; its precision, the tier that runs, is reported by /health and /v1/models, "fp32" for a
+    stand-in without one). api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`."""
     config = BatchingConfig(enabled=batching, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
                             max_wait_ms=max_wait_ms, max_queued_requests=max_queued_requests)
     batcher = Batcher(lambda ids: model.embed_token_ids(ids, add_special_tokens=True, truncate=True),
                       dim=model.dim, config=config)
     created = int(time.time())
+    precision = getattr(model, "precision", "fp32")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -101,21 +103,22 @@ def create_app(model: Any, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str
 
     @v1.get("/models", response_model=ModelList, summary="List models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [_model_card(model_name, created)]}
+        return {"object": "list", "data": [_model_card(model_name, created, precision)]}
 
     @v1.get("/models/{model_id:path}", summary="Retrieve a model")
     async def get_model(model_id: str) -> dict:
         if model_id != model_name:
             raise OpenAIError(404, f"The model '{model_id}' does not exist: this server serves '{model_name}'.",
                               param="model", code="model_not_found")
-        return _model_card(model_name, created)
+        return _model_card(model_name, created, precision)
 
     app.include_router(v1)
 
     @app.get("/health", summary="Liveness and batching counters")
     async def health() -> dict:
         stats = batcher.stats
-        return {"status": "ok", "model": model_name, "dim": model.dim, "max_tokens": model.max_tokens,
+        return {"status": "ok", "model": model_name, "precision": precision, "dim": model.dim,
+                "max_tokens": model.max_tokens,
                 "batching": {"enabled": config.enabled, "max_batch_tokens": config.max_batch_tokens,
                              "max_wait_ms": config.max_wait_ms, "queued_requests": batcher.queued_requests,
                              "admitted_requests": batcher.admitted_requests,
@@ -145,8 +148,8 @@ def _single_threaded_blas():
     return single_threaded_blas()
 
 
-def _model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "bgesmall"}
+def _model_card(name: str, created: int, precision: str) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "bgesmall", "precision": precision}
 
 
 def _input_size(input: Any) -> int:

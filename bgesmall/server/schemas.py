@@ -61,6 +61,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    precision: Literal["fp32", "bf16"] = Field(
+        description="Extension. The numeric tier that runs: 'fp32' (exact) or 'bf16' (linear layers in bfloat16).")
 
 
 class ModelList(BaseModel):
