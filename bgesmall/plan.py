@@ -48,7 +48,7 @@ QUERY = ("split", "single")
 # A query is 5-20 tokens, the last layer under CLS pooling has one row per text, a batch about 1024 tokens.
 ROW_CLASSES = ((1, 8), (32, 64), (256, 512))
 BATCH_TOKENS = (512, 1024, 2048)
-ATTENTION_LENGTHS = (8, 12, 16, 24, 32, 48, 64)  # candidate thresholds; 513: the fused kernel for every length
+ATTENTION_LENGTHS = (8, 12, 16, 24, 32, 48, 64, 128, 256)  # candidate thresholds; 513: the fused kernel at every length
 NEVER = 513
 
 

@@ -162,11 +162,12 @@ def _time_attention(cfg, weights, rng, deadline: float) -> dict[int, dict[str, f
 
 
 def _threshold(times: dict[int, dict[str, float]]) -> int:
-    """The shortest measured length from which the BLAS path is faster at every longer measured length. Past
-    the longest measured, BLAS is assumed to win (the fused kernel's cost grows as the square of the length):
-    if it lost everywhere measured, the threshold is twice the longest length measured."""
+    """The shortest measured length from which the BLAS path is faster at every longer measured length. If it lost
+    at every length measured up to 256 tokens, the fused kernel runs at every length (NEVER): both costs grow as
+    the square of the length from there on (Zen 5: the fused kernel 1.9x BLAS's rate at 512). If the measuring
+    stopped short of that, twice the longest length measured."""
     longest = max(times)
-    threshold = 2 * longest
+    threshold = NEVER if longest >= 256 else 2 * longest
     for n in sorted(times, reverse=True):
         if times[n]["blas"] >= times[n]["fused"]:
             break

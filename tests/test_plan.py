@@ -202,7 +202,8 @@ def test_attention_threshold_from_measurements():
     t = lambda fused, blas: {"fused": fused, "blas": blas}  # noqa: E731
     assert tune._threshold({8: t(1, 2), 16: t(2, 1), 32: t(3, 1)}) == 16
     assert tune._threshold({8: t(1, 2), 16: t(2, 1), 32: t(1, 2), 64: t(3, 1)}) == 64
-    assert tune._threshold({8: t(1, 2), 64: t(1, 2)}) == 128  # BLAS never won: assumed to from twice the longest
+    assert tune._threshold({8: t(1, 2), 64: t(1, 2)}) == 128  # BLAS never won, measured to 64: from twice that
+    assert tune._threshold({8: t(1, 2), 256: t(1, 2)}) == plan_mod.NEVER  # never, measured to 256: fused always
     assert tune._threshold({8: t(2, 1), 64: t(3, 1)}) == 8
 
 
