@@ -44,6 +44,7 @@ from .simd import has_avx512, has_avx512_bf16, fma16, lane, load16, prefetch_rea
 WIDE_REGISTERS = has_avx512()
 PANEL = 32 if WIDE_REGISTERS else 16  # columns per panel: two 16-lane vectors, or one (two 8-lane halves)
 GROUP = 4  # AVX2: panels a leftover row reads side by side (4 x 16 columns: 8 independent chains of FMAs)
+WIDE_AHEAD = 32 * 32  # AVX-512: elements ahead of its reads that a tile prefetches (32 steps of k, 4 KB)
 AHEAD = 64 * 16  # AVX2: floats ahead of its reads that a panel's first tile prefetches (64 steps of k, 4 KB)
 
 
@@ -114,6 +115,17 @@ def _store4(out, r0, r1, r2, r3, j, cols, acc):
 
 
 @helper()
+def _prefetch_ahead(panel, t):
+    # AVX-512: the two cache lines of the panel WIDE_AHEAD elements past step t's (on into the next panels: w is
+    # one C-contiguous block; past its end, a prefetch neither checks bounds nor faults). Without it a tile down
+    # a panel that comes from memory waits for each line in turn: the 48 products of a 7-row query, one thread,
+    # AMD EPYC Zen 5, with and without, alternating: 7.1 -> 4.1 ms (fp32), 3.1 -> 1.8 ms (bf16); split over two
+    # threads 1.12x / 1.21x; 1.0-1.05x at 512 rows, where the panel is in L2 for all tiles but the first.
+    prefetch_read(panel, t * PANEL + WIDE_AHEAD)
+    prefetch_read(panel, t * PANEL + WIDE_AHEAD + 16)
+
+
+@helper()
 def _tile8(x, panel, out, i, rows, j, cols):
     # out[i:i + rows, j:j + cols] = x[i:i + rows] @ panel [k, 32]; rows 1..8 (a short tile repeats its last row).
     # Two groups of four rows, 16 accumulators in all: every register of AVX-512 but the panel's two and a broadcast.
@@ -124,6 +136,7 @@ def _tile8(x, panel, out, i, rows, j, cols):
     top = bottom = (z, z, z, z, z, z, z, z)
     _prefetch_rows(out, i, last, j, PANEL)
     for t in range(x.shape[1]):
+        _prefetch_ahead(panel, t)
         lo, hi = load16(panel, t * PANEL), load16(panel, t * PANEL + 16)
         top = _rows4(x, r0, r1, r2, r3, t, lo, hi, top)
         bottom = _rows4(x, r4, r5, r6, r7, t, lo, hi, bottom)
@@ -139,6 +152,7 @@ def _tile4(x, panel, out, i, rows, j, cols):
     z = zeros16()
     acc = (z, z, z, z, z, z, z, z)
     for t in range(x.shape[1]):
+        _prefetch_ahead(panel, t)
         acc = _rows4(x, r0, r1, r2, r3, t, load16(panel, t * PANEL), load16(panel, t * PANEL + 16), acc)
     _store4(out, r0, r1, r2, r3, j, cols, acc)
 
@@ -149,6 +163,7 @@ def _tile1(x, panel, out, i, j, cols):
     k = x.shape[1]
     a0 = b0 = zeros16()
     for t in range(k):
+        _prefetch_ahead(panel, t)
         s = splat16(x[i, t])
         a0, b0 = fma16(s, load16(panel, t * PANEL), a0), fma16(s, load16(panel, t * PANEL + 16), b0)
     _store(out, i, j, cols, a0, b0)

@@ -222,7 +222,7 @@ def hsum16(typingctx, v):
 def _prefetch(write: int):
     # llvm.prefetch(address, rw, locality 3 = keep in all levels, data cache) of the line holding a[i]
     def typer(typingctx, array, index):
-        if not (_is_f32_c_array(array) and isinstance(index, types.Integer)):
+        if not ((_is_f32_c_array(array) or _is_u32_c_array(array)) and isinstance(index, types.Integer)):
             return None
 
         def codegen(context, builder, sig, args):
