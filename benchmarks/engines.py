@@ -16,6 +16,7 @@ class Engine:
     name = ""
     needs = ()  # importable modules this engine needs (checked before a worker is started)
     needs_onnx = False
+    numba_cache = False  # True: bench.py gives it an empty NUMBA_CACHE_DIR of its own for the cold start
 
     def load(self, ckpt: Checkpoint, threads: int) -> None:
         raise NotImplementedError
@@ -26,17 +27,23 @@ class Engine:
     def describe(self) -> str:
         return ""
 
+    def precision(self) -> str:
+        """The arithmetic that ran, as the engine itself reports it after load ("fp32", "bf16", ...)."""
+        return ""
+
 
 class BgeSmall(Engine):
     name = "bgesmall"
     needs = ("bgesmall", "numba")
+    numba_cache = True
+    tier = "fp32"  # passed explicitly: a $BGESMALL_PRECISION in the environment must not change the engine
 
     def load(self, ckpt, threads):
         import bgesmall
 
         # threads come from BGESMALL_NUM_THREADS / NUMBA_NUM_THREADS, pinned by the worker; numba.set_num_threads
         # here would start numba's threading layer at load, which bgesmall defers to a query's first split
-        self.model = bgesmall.load(ckpt.path, threads=threads)
+        self.model = bgesmall.load(ckpt.path, threads=threads, precision=self.tier)
 
     def embed(self, texts):
         return self.model.embed(texts)
@@ -45,22 +52,36 @@ class BgeSmall(Engine):
         import bgesmall
 
         plan = "; ".join(self.model.plan.describe())
-        return f"bgesmall {getattr(bgesmall, '__version__', '?')}, its own batching; plan: {plan}"
+        ran = self.model.precision
+        note = "" if ran == self.tier else f" (asked for {self.tier}: this CPU has no AVX512_BF16)"
+        return (f"bgesmall {getattr(bgesmall, '__version__', '?')}, precision {ran}{note}, its own batching; "
+                f"plan: {plan}")
+
+    def precision(self):
+        return self.model.precision  # what runs: a bf16 request on a CPU without AVX512_BF16 runs fp32
+
+
+class BgeSmallBf16(BgeSmall):
+    """The bf16 tier: linear layers on AVX512_BF16's vdpbf16ps, everything else float32."""
+
+    name = "bgesmall-bf16"
+    tier = "bf16"
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:  # [n, d] -> [n, d]
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class OnnxRuntime(Engine):
-    """Raw ONNX Runtime: our tokenization, length-sorted batches of 32 padded to their longest text."""
+class PaddedOnnx(Engine):
+    """An ONNX runtime fed as ORT is: our tokenization, length-sorted batches of 32 padded to their longest text.
 
-    needs = ("onnxruntime", "tokenizers")
+    Subclasses only open the ONNX file (open) and run one padded batch (run); tokenization, batching, pooling
+    and normalization are the same code for every such engine."""
+
     needs_onnx = True
     onnx_file = ""
 
     def load(self, ckpt, threads):
-        import onnxruntime as ort
         from export_onnx import onnx_dir
         from tokenizers import Tokenizer
 
@@ -68,13 +89,13 @@ class OnnxRuntime(Engine):
         self.tok = Tokenizer.from_file(str(ckpt.path / "tokenizer.json"))
         self.tok.no_padding()
         self.tok.enable_truncation(ckpt.max_tokens)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(onnx_dir(ckpt) / self.onnx_file), so,
-                                            providers=["CPUExecutionProvider"])
-        self.version = ort.__version__
+        self.open(onnx_dir(ckpt) / self.onnx_file, threads)
+
+    def open(self, path, threads: int) -> None:
+        raise NotImplementedError
+
+    def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:  # [b, width] int64 x2 -> [b, width, h]
+        raise NotImplementedError
 
     def embed(self, texts):
         encs = self.tok.encode_batch(texts)
@@ -89,8 +110,7 @@ class OnnxRuntime(Engine):
                 n = len(encs[i].ids)
                 ids[r, :n] = encs[i].ids
                 mask[r, :n] = 1
-            (hidden,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                                "token_type_ids": np.zeros_like(ids)})  # [b, width, h]
+            hidden = self.run(ids, mask)  # [b, width, h]
             if self.ckpt.pooling == "cls":
                 pooled = hidden[:, 0]
             else:
@@ -99,8 +119,32 @@ class OnnxRuntime(Engine):
             out[idx] = pooled
         return _normalize(out)
 
+
+class OnnxRuntime(PaddedOnnx):
+    """Raw ONNX Runtime on one of the exports, one thread pool of `threads`, sequential execution."""
+
+    needs = ("onnxruntime", "tokenizers")
+
+    def open(self, path, threads):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.version = ort.__version__
+
+    def run(self, ids, mask):
+        (hidden,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                            "token_type_ids": np.zeros_like(ids)})
+        return hidden
+
     def describe(self):
         return f"onnxruntime {self.version}, {self.onnx_file}, length-sorted batches of {BATCH}"
+
+    def precision(self):
+        return "int8 weights" if "int8" in self.onnx_file else "fp32"
 
 
 class OrtFp32(OnnxRuntime):
@@ -111,6 +155,48 @@ class OrtFp32(OnnxRuntime):
 class OrtInt8(OnnxRuntime):
     name = "ort-int8"
     onnx_file = "model_int8.onnx"
+
+
+class OpenVino(PaddedOnnx):
+    """OpenVINO's CPU plugin on the plain ONNX export (OpenVINO fuses the graph itself), one stream of `threads`.
+
+    hint None leaves OpenVINO its default inference precision: bf16 where it judges the CPU fast at it (AMX;
+    2026.4 also picks it on AVX512_BF16 CPUs), else f32. What it chose is read back from the compiled model."""
+
+    needs = ("openvino", "tokenizers")
+    onnx_file = "model.onnx"
+    hint: str | None = None
+
+    def open(self, path, threads):
+        import openvino as ov
+
+        config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        if self.hint:
+            config["INFERENCE_PRECISION_HINT"] = self.hint
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.version = ov.__version__
+
+    def run(self, ids, mask):
+        out = self.request.infer({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+        return out[self.compiled.output(0)]
+
+    def describe(self):
+        asked = f"hint {self.hint}" if self.hint else "its default precision"
+        return (f"openvino {self.version.split('-')[0]}, {self.onnx_file}, {asked}: runs {self.precision()}, "
+                f"length-sorted batches of {BATCH}")
+
+    def precision(self):
+        return self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
+
+
+class OpenVinoF32(OpenVino):
+    name = "openvino-f32"
+    hint = "f32"
+
+
+class OpenVinoDefault(OpenVino):
+    name = "openvino"
 
 
 class SentenceTransformers(Engine):
@@ -130,6 +216,9 @@ class SentenceTransformers(Engine):
         with self.torch.inference_mode():
             return self.model.encode(texts, batch_size=BATCH, normalize_embeddings=True, convert_to_numpy=True,
                                      show_progress_bar=False).astype(np.float32, copy=False)
+
+    def precision(self):
+        return "fp32"
 
     def describe(self):
         import sentence_transformers
@@ -172,4 +261,5 @@ class FastEmbed(Engine):
         return f"fastembed {fastembed.__version__} defaults (batch 256), plain ONNX export"
 
 
-ENGINES: dict[str, type[Engine]] = {e.name: e for e in (BgeSmall, OrtFp32, OrtInt8, SentenceTransformers, FastEmbed)}
+ENGINES: dict[str, type[Engine]] = {e.name: e for e in (BgeSmall, BgeSmallBf16, OrtFp32, OrtInt8, OpenVinoF32,
+                                                         OpenVinoDefault, SentenceTransformers, FastEmbed)}

@@ -1,6 +1,6 @@
 """Where bgesmall's time goes, op by op: one thread, the corpus (or STS-B), each kernel call timed.
 
-    python benchmarks/opprofile.py [--model DIR] [--workload corpus|sts] [--quick]
+    python benchmarks/opprofile.py [--model DIR] [--workload corpus|sts] [--quick] [--precision fp32|bf16]
 
 Wraps the kernels that bgesmall.encoder calls (its module globals: self_attention, bias_gelu, residual_layernorm,
 embed_layernorm, and matmul by shape) with timers, then runs model.embed on the workload with one
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", default="corpus", choices=["corpus", "sts"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shared")
+    ap.add_argument("--precision", default="fp32", help="the tier to profile: fp32 (exact) or bf16")
     args = ap.parse_args(argv)
     ckpt = find_checkpoint(args.model)
     stsb = Path(args.shared) / "data" / "stsb-dev.tsv" if args.shared else workloads.default_stsb_path()
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     import bgesmall
     from bgesmall import encoder
 
-    model = bgesmall.load(ckpt.path)
+    model = bgesmall.load(ckpt.path, precision=args.precision)
     model.embed(texts[:64] + [max(texts, key=len)])  # compile / warm before timing
     h, f = ckpt.hidden_size, ckpt.intermediate_size
     names = {(h, 3 * h): f"matmul QKV [T,{h}]x[{h},{3 * h}]", (h, h): f"matmul attn out [T,{h}]x[{h},{h}]",
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         raise SystemExit("no kernel was timed: bgesmall no longer runs through bgesmall.encoder's globals")
 
     tokens = sum(model.count_tokens(texts))
-    print(f"### bgesmall op profile: {args.workload}, {len(texts)} texts, {tokens} tokens, one thread, "
+    print(f"### bgesmall op profile ({model.precision}): {args.workload}, {len(texts)} texts, {tokens} tokens, one thread, "
           f"{wall:.2f} s wall ({len(texts) / wall:.1f} texts/s)\n")
     print("| op | calls | s | share | GFLOP/s | numpy sgemm, 1 thread, same shape at 1024 rows |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -89,6 +89,7 @@ def main(argv=None) -> int:
         "engine": args.engine,
         "workload": args.workload,
         "describe": engine.describe(),
+        "precision": engine.precision(),  # what ran: bgesmall's Model.precision, OpenVINO's inference precision
         "start_s": t_first - T_PROCESS,
         "load_s": t_load - t_imports,
         "first_embed_s": t_first - t_load,
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
         lat = np.array(lat)
         res.update(n=len(lat), p50_s=float(np.percentile(lat, 50)), p99_s=float(np.percentile(lat, 99)),
                    mean_s=float(lat.mean()), rss_mb=peak_rss_mb())
+        if args.save:  # the query's vector, [1, dim]: its cosine to the reference's goes in the query table
+            np.save(args.save, np.asarray(engine.embed(q), np.float32))
     elif args.workload == "profile":
         res["batches"] = profile(engine, ckpt, w["corpus"].texts)
         res["rss_mb"] = peak_rss_mb()

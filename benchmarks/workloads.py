@@ -55,16 +55,22 @@ def default_stsb_path() -> Path:
     return candidates[0] / "data" / "stsb-dev.tsv"
 
 
-def stsb_sentences(path: Path) -> list[str]:
+def stsb_rows(path: Path) -> list[list[str]]:
+    """STS-B dev's rows, split on tabs: sentence 1, sentence 2 and the human score are columns 8, 9 and 10."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass --shared DIR (the folder holding data/stsb-dev.tsv) "
                                 "or set BGESMALL_SHARED")
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        cols = line.split("\t")
-        if len(cols) >= 9:
-            out += [cols[7], cols[8]]
-    return out
+    return [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def stsb_sentences(path: Path) -> list[str]:  # [s1 of pair 0, s2 of pair 0, s1 of pair 1, ...]
+    return [s for cols in stsb_rows(path) if len(cols) >= 9 for s in cols[7:9]]
+
+
+def stsb_pairs(path: Path) -> tuple[list[str], list[str], list[float]]:
+    """(first sentences, second sentences, human scores 0-5) of the pairs that have a score."""
+    rows = [cols for cols in stsb_rows(path) if len(cols) >= 10]
+    return [c[7] for c in rows], [c[8] for c in rows], [float(c[9]) for c in rows]
 
 
 def build(quick: bool, stsb: Path) -> dict[str, Workload]:
