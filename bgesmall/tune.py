@@ -51,10 +51,15 @@ def pick(times: dict[str, float], incumbent: str) -> str:
 
 
 def measure(cfg, weights, threads: int, budget_s: float = BUDGET_S) -> Plan:
-    """A plan measured for this model on this machine, in at most about budget_s seconds (of measuring: the split
-    kernel of a query, compiled or loaded at its first use, is made ready first)."""
+    """A plan measured for this model on this machine, in at most about budget_s seconds (of measuring: the tier's
+    kernels, compiled or loaded at their first use, are made ready first: the bf16 tier's are compiled at their
+    first call, which on a cold start took the whole budget)."""
+    lin = weights.layers[0].qkv_w
+    x1 = np.zeros((1, lin.shape[0]), dtype=np.float32)
+    out1 = np.empty((1, lin.out_features), dtype=np.float32)
+    lin(x1, out1)
     if threads > 1:
-        on_split_thread(lambda parts: None, threads)
+        on_split_thread(lambda parts: lin(x1, out1, parts), threads)
     t0 = time.perf_counter()
     deadline = t0 + budget_s
     plan = default_plan(cfg)
