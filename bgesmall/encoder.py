@@ -24,6 +24,12 @@ from .kernels import attention, bias_gelu, embed_layernorm, residual_layernorm, 
 from .weights import BertWeights, LayerWeights
 
 
+# The FFN runs over at most this many rows at a time (its inner activations are the widest buffer: at 2048 tokens
+# 12.6 MB per worker, 3 MB in chunks of 512). Every step of it works row by row, and the linear kernels give a row
+# the same bits whatever rows surround it, so chunking changes no result; 512 rows keep each product large.
+FFN_ROWS = 512
+
+
 @dataclass
 class Workspace:
     """Preallocated activation buffers for up to `capacity` tokens (llama2.c's RunState); grown on demand."""
@@ -33,20 +39,22 @@ class Workspace:
     qkv: np.ndarray  # [capacity, 3 * hidden]  fused query | key | value projections
     ctx: np.ndarray  # [capacity, hidden]      attention output, heads side by side
     proj: np.ndarray  # [capacity, hidden]     output of a projection back to hidden width
-    ffn: np.ndarray  # [capacity, ffn]         FFN inner activations
+    ffn: np.ndarray  # [min(capacity, FFN_ROWS), ffn]  FFN inner activations of one chunk of rows
 
     @classmethod
     def allocate(cls, cfg: BertConfig, capacity: int) -> "Workspace":
         h, f = cfg.hidden_size, cfg.intermediate_size
 
-        def buf(width):
-            return np.empty((capacity, width), dtype=np.float32)
+        def buf(rows, width):
+            return np.empty((rows, width), dtype=np.float32)
 
-        return cls(capacity, buf(h), buf(3 * h), buf(h), buf(h), buf(f))
+        return cls(capacity, buf(capacity, h), buf(capacity, 3 * h), buf(capacity, h), buf(capacity, h),
+                   buf(min(capacity, FFN_ROWS), f))
 
     def views(self, tokens: int) -> "Workspace":
         """The first `tokens` rows of every buffer (C-contiguous views, no copy)."""
-        return Workspace(tokens, self.x[:tokens], self.qkv[:tokens], self.ctx[:tokens], self.proj[:tokens], self.ffn[:tokens])
+        return Workspace(tokens, self.x[:tokens], self.qkv[:tokens], self.ctx[:tokens], self.proj[:tokens],
+                         self.ffn[:tokens])
 
 
 def embeddings(cfg: BertConfig, w: BertWeights, ids: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
@@ -112,9 +120,13 @@ def after_attention(cfg: BertConfig, lw: LayerWeights, ws: Workspace, parts: int
     eps = cfg.layer_norm_eps
     lw.attn_out_w(ws.ctx, ws.proj, parts)  # [rows, hidden] @ [hidden, hidden]
     residual_layernorm(ws.proj, lw.attn_out_b, ws.x, lw.attn_ln_gamma, lw.attn_ln_beta, eps, ws.x)
-    lw.ffn_in_w(ws.x, ws.ffn, parts)  # [rows, hidden] @ [hidden, ffn] -> [rows, ffn]
-    bias_gelu(ws.ffn, lw.ffn_in_b)  # [rows, ffn], in place
-    lw.ffn_out_w(ws.ffn, ws.proj, parts)  # [rows, ffn] @ [ffn, hidden] -> [rows, hidden]
+    chunk = ws.ffn.shape[0]
+    for a in range(0, ws.x.shape[0], chunk):  # the FFN, `chunk` rows at a time (FFN_ROWS)
+        b = min(a + chunk, ws.x.shape[0])
+        ffn = ws.ffn[: b - a]
+        lw.ffn_in_w(ws.x[a:b], ffn, parts)  # [rows, hidden] @ [hidden, ffn] -> [rows, ffn]
+        bias_gelu(ffn, lw.ffn_in_b)  # [rows, ffn], in place
+        lw.ffn_out_w(ffn, ws.proj[a:b], parts)  # [rows, ffn] @ [ffn, hidden] -> [rows, hidden]
     residual_layernorm(ws.proj, lw.ffn_out_b, ws.x, lw.ffn_ln_gamma, lw.ffn_ln_beta, eps, ws.x)
 
 

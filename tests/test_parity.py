@@ -327,3 +327,14 @@ def test_every_plan_keeps_parity_and_batch_invariance(which, spec, minilm_model,
     assert_parity(batch, want, texts)
     alone = np.concatenate([forced.embed([t]) for t in texts])
     assert_parity(batch, alone, texts, tol=BATCH_TOLERANCE)
+
+
+@pytest.mark.parametrize("which", ["minilm", "bge"])
+def test_the_ffn_in_chunks_of_rows_gives_the_same_bits(which, minilm_model, bge_model, monkeypatch):
+    # the FFN runs FFN_ROWS rows at a time (a smaller buffer); any chunking must give the same vectors, bit for bit
+    model = minilm_model if which == "minilm" else bge_model
+    texts = MINILM["texts"] if which == "minilm" else BGE["texts"]
+    whole = bgesmall.load(model.path).embed(texts)
+    monkeypatch.setattr(bgesmall.encoder, "FFN_ROWS", 7)
+    chunked = bgesmall.load(model.path)  # a new model: new workspaces, with 7-row FFN buffers
+    assert np.array_equal(chunked.embed(texts), whole)
