@@ -32,28 +32,24 @@ FFN_ROWS = 512
 
 @dataclass
 class Workspace:
-    """Preallocated activation buffers for up to `capacity` tokens (llama2.c's RunState); grown on demand.
-
-    qkv is dead once attention has read it, and proj and ffn are written only after that, so both live inside
-    qkv's memory where it has room for them (from 1024 tokens for bge-small: 6 MB less per worker at 2048)."""
+    """Preallocated activation buffers for up to `capacity` tokens (llama2.c's RunState); grown on demand."""
 
     capacity: int
     x: np.ndarray  # [capacity, hidden]        the residual stream
     qkv: np.ndarray  # [capacity, 3 * hidden]  fused query | key | value projections
     ctx: np.ndarray  # [capacity, hidden]      attention output, heads side by side
-    proj: np.ndarray  # [capacity, hidden]     output of a projection back to hidden width (in qkv's memory)
-    ffn: np.ndarray  # [min(capacity, FFN_ROWS), ffn]  FFN inner activations of one chunk of rows (in qkv's, or own)
+    proj: np.ndarray  # [capacity, hidden]     output of a projection back to hidden width
+    ffn: np.ndarray  # [min(capacity, FFN_ROWS), ffn]  FFN inner activations of one chunk of rows
 
     @classmethod
     def allocate(cls, cfg: BertConfig, capacity: int) -> "Workspace":
         h, f = cfg.hidden_size, cfg.intermediate_size
-        rows = min(capacity, FFN_ROWS)
-        x, qkv, ctx = (np.empty((capacity, width), dtype=np.float32) for width in (h, 3 * h, h))
-        flat = qkv.reshape(-1)
-        proj = flat[: capacity * h].reshape(capacity, h)
-        room = flat[capacity * h :]  # after proj, to the end of qkv: 2 h capacity floats
-        ffn = room[: rows * f].reshape(rows, f) if room.size >= rows * f else np.empty((rows, f), dtype=np.float32)
-        return cls(capacity, x, qkv, ctx, proj, ffn)
+
+        def buf(rows, width):
+            return np.empty((rows, width), dtype=np.float32)
+
+        return cls(capacity, buf(capacity, h), buf(capacity, 3 * h), buf(capacity, h), buf(capacity, h),
+                   buf(min(capacity, FFN_ROWS), f))
 
     def views(self, tokens: int) -> "Workspace":
         """The first `tokens` rows of every buffer (C-contiguous views, no copy)."""

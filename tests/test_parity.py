@@ -338,18 +338,3 @@ def test_the_ffn_in_chunks_of_rows_gives_the_same_bits(which, minilm_model, bge_
     monkeypatch.setattr(bgesmall.encoder, "FFN_ROWS", 7)
     chunked = bgesmall.load(model.path)  # a new model: new workspaces, with 7-row FFN buffers
     assert np.array_equal(chunked.embed(texts), whole)
-
-
-def test_workspace_buffers_that_share_qkvs_memory_never_overlap_each_other(bge_model):
-    # proj and ffn live inside qkv (dead once attention has read it), never inside each other, x or ctx
-    from bgesmall.encoder import Workspace
-
-    for capacity in (1, 128, 700, 1024, 2048, 5000):
-        ws = Workspace.allocate(bge_model.config, capacity)
-        for view in (ws, ws.views(max(1, capacity // 3))):
-            assert not np.shares_memory(view.proj, view.ffn)
-            for a, b in ((view.x, view.qkv), (view.ctx, view.qkv), (view.x, view.ctx), (view.x, view.proj),
-                         (view.ctx, view.proj), (view.x, view.ffn), (view.ctx, view.ffn)):
-                assert not np.shares_memory(a, b)
-            assert view.proj.flags.c_contiguous and view.ffn.flags.c_contiguous
-        assert np.shares_memory(ws.proj, ws.qkv) and (capacity < 1024) != np.shares_memory(ws.ffn, ws.qkv)
