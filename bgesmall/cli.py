@@ -178,12 +178,12 @@ class JsonArrayWriter:
 # ---- commands ----
 
 
-def _load(model_dir: str | None, precision: str | None = None, command: str = "embed"):
+def _load(model_dir: str | None, precision: str | None = None, command: str = "embed", **options):
     """bgesmall.load, its warnings (bf16 asked for on a CPU without AVX512_BF16) said on one line each."""
     import bgesmall
 
     with warnings.catch_warnings(record=True) as said:  # the filters in force still apply
-        model = bgesmall.load(model_dir, precision=precision)
+        model = bgesmall.load(model_dir, precision=precision, **options)
     for w in said:
         print(f"{PROG} {command}: {str(w.message).removeprefix('bgesmall: ')}", file=sys.stderr)
     return model
@@ -480,12 +480,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    import bgesmall
-
     from .plan import ENV_PLAN, fingerprint, plan_path
     from .tune import plan_for
 
-    model = bgesmall.load(args.model, plan="default", precision=args.precision)  # the weights, measured once below
+    model = _load(args.model, args.precision, "tune", plan="default")  # the weights; the plan is measured below
     plan = plan_for(model.config, model.weights, model.threads, remeasure=True)
     fp = fingerprint(model.config, model.threads, model.precision)
     print(f"model: {model.name}, {model.precision}, {model.threads} threads, CPU: {fp['cpu']}")

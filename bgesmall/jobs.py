@@ -327,6 +327,11 @@ def run_job(model, inp: Input, folder: Path, opts: EmbedOptions, settings: JobSe
             overwrite: bool = False, progress: bool = True) -> Summary:
     """Embed the input into `folder` as shards, continuing after the last complete shard of an earlier run.
     The model is loaded by the caller (with settings.precision); the manifest records model.precision."""
+    from .precision import runnable
+
+    if settings.precision is not None and runnable(settings.precision) != model.precision:
+        raise ValueError(f"settings.precision is {settings.precision!r} but the model runs {model.precision!r}: "
+                         f"load it with bgesmall.load(..., precision={settings.precision!r})")
     return run_shards(HereShards(model), inp, folder, opts, settings, overwrite=overwrite, progress=progress)
 
 

@@ -87,7 +87,8 @@ class Linear:
             raise ValueError(f"unknown linear implementation {unknown[0]!r}; valid: {', '.join(IMPLEMENTATIONS)}")
         if self.precision != "fp32" and any(name == "blas" for _, name in choices):
             raise ValueError(f"linear implementation 'blas' runs the exact fp32 tier only; for {self.precision}: "
-                             f"{', '.join(n for n in IMPLEMENTATIONS if n != 'blas')}")
+                             f"{', '.join(n for n in IMPLEMENTATIONS if n != 'blas')} (a BGESMALL_PLAN set for "
+                             f"the exact tier: unset it, or force linear=tiles)")
         self.choices = tuple(sorted(choices))
         if any(name == "blas" for _, name in self.choices):
             if self.dense is None and source is None:  # rebuilt from the panels: [out, in], as a file holds it

@@ -191,7 +191,7 @@ def write(k: dict, arrays: dict[str, np.ndarray]) -> Path | None:
 
 def _sweep(folder: Path, keep: Path) -> None:
     """Remove kept files whose weights file is gone or has changed since (another version of a file, a model
-    folder deleted), and temporary files a killed writer left more than an hour ago. A process that still maps
+    folder deleted) or that an earlier layout (VERSION) wrote, and temporary files a killed writer left more than an hour ago. A process that still maps
     a removed file keeps its pages (on a local disk; a file shared over NFS is not safe to remove under a
     reader on another machine: give each machine its own BGESMALL_PLAN_DIR there)."""
     now = time.time()
@@ -207,7 +207,7 @@ def _sweep(folder: Path, keep: Path) -> None:
                 k = _read_meta(fh)[0]["key"]
             st = os.stat(k["path"])
             stale = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, [st.st_dev, st.st_ino]] != [
-                k["size"], k["mtime_ns"], k["ctime_ns"], k["inode"]]
+                k["size"], k["mtime_ns"], k["ctime_ns"], k["inode"]] or k.get("version") != VERSION
         except FileNotFoundError:
             stale = True  # its weights file is gone (or, racing a writer, the kept file itself: nothing to do)
         except (OSError, ValueError, KeyError, TypeError, RecursionError):

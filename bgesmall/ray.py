@@ -105,7 +105,10 @@ def _actor_cpus() -> int:
 
 
 class Embedder:
-    """A Ray Data callable class: pyarrow table in, the same rows with the embedding column out."""
+    """A Ray Data callable class: pyarrow table in, the same rows with the embedding column out.
+
+    precision: the tier; None reads $BGESMALL_PRECISION where the actor runs (on its node, not the driver's:
+    pass it explicitly, as embed_dataset does, to be sure)."""
 
     def __init__(self, model: ModelBundle | str | None = None, column: str = "text", output_column: str = EMBEDDING,
                  query: bool = False, strict: bool = False, keep: list[str] | None = None, threads: int | None = None,

@@ -21,7 +21,9 @@ the load and waits for it (up to TIMEOUT_S).
 
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
 import os
 import pickle
 import subprocess
@@ -56,20 +58,30 @@ def _cache_dir() -> str | None:
 
 
 def _cached(cache_dir: str) -> bool:
-    # an index of each of matmul.py's kernels stamped with matmul.py as it is now (numba 0.68 stamps an index
-    # with a hash of its source file; a changed source gets a new index); anything unreadable: assume cached
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), CHILD_MODULE + ".py")
+    # an index of each of matmul.py's kernels stamped with the kernel sources as they are now (sources_stamp: a
+    # changed source gets a new index); anything unreadable: assume cached
     try:
-        from numba.core.caching import _hash_source_file
-
-        st = os.stat(source)
-        stamp = _hash_source_file(source, st.st_mtime, st.st_size)
+        stamp = sources_stamp()
         for name in ("linear_panels", "linear_split"):
             if not any(_index_stamp(p) == stamp for p in glob.glob(os.path.join(cache_dir, f"{CHILD_MODULE}.{name}-*.nbi"))):
                 return False
         return True
     except Exception:  # noqa: BLE001 - numba's internals moved: no child, the start compiles as it always did
         return True
+
+
+@functools.lru_cache(maxsize=1)
+def sources_stamp() -> bytes:
+    """The source stamp every kernel's cache index carries (kernels/jit.py): a sha256 of all of this package's
+    source files, not just the kernel's own (numba's default). A kernel compiles in the helpers and intrinsics of
+    the other files (matmul.py's tiles in simd.py's vector operations, attention.py's exp in activations.py), so
+    a change to any of them must invalidate every cached kernel, in a checkout as after an upgrade."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py"))):
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.digest()
 
 
 def _index_stamp(path: str):

@@ -112,10 +112,14 @@ class _GuardedCache(FunctionCache):
     @classmethod
     def for_function(cls, fn):
         try:
-            return cls(fn)
+            cache = cls(fn)
         except Exception as exc:  # RuntimeError "no locator available": no writable cache folder anywhere
             _warn_once(exc)
             return NullCache()
+        if hasattr(cache, "_cache_file") and hasattr(cache._cache_file, "_source_stamp"):
+            # stale when any kernel source changes, not only this function's file (compile_ahead.sources_stamp)
+            cache._cache_file._source_stamp = compile_ahead.sources_stamp()
+        return cache
 
     def load_overload(self, sig, target_context):
         """The cached kernel, or None. numba's own version first "refreshes" the target context, importing every

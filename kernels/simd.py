@@ -43,20 +43,6 @@ _I32 = ir.IntType(32)
 _PAIRS = ir.VectorType(_I32, LANES)  # bf16x32 as it is held: 16 lanes of two bf16 each
 
 
-class _BFloat(ir.Type):
-    """LLVM's `bfloat`, which llvmlite's IR builder lacks; used only to type the vdpbf16ps call."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloat)
-
-    def __hash__(self):
-        return hash("bfloat")
-
-
-_BF16_32 = ir.VectorType(_BFloat(), 2 * LANES)
 
 
 class F32x16(types.Type):
@@ -164,10 +150,12 @@ def zeros16(typingctx):
 def fma16(typingctx, a, b, c):
     if a == b == bf16x32 and c == f32x16:  # AVX512_BF16: c + the dot products of a's and b's pairs
         def codegen_pairs(context, builder, sig, args):
+            # the pairs as <16 x i32>: the intrinsic's type up to LLVM 16, which LLVM 17+ (typed <32 x bfloat>)
+            # still accepts and upgrades; the other way round, LLVM 14-15 (numba 0.59-0.61) reject <32 x bfloat>
             fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_VEC, [_VEC, _BF16_32, _BF16_32]), "llvm.x86.avx512bf16.dpbf16ps.512"
+                builder.module, ir.FunctionType(_VEC, [_VEC, _PAIRS, _PAIRS]), "llvm.x86.avx512bf16.dpbf16ps.512"
             )
-            return builder.call(fn, [args[2], builder.bitcast(args[0], _BF16_32), builder.bitcast(args[1], _BF16_32)])
+            return builder.call(fn, [args[2], args[0], args[1]])
 
         return f32x16(a, b, c), codegen_pairs
     if not (a == b == c == f32x16):

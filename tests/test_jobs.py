@@ -389,3 +389,15 @@ def test_bf16_asked_for_where_it_cannot_run_is_recorded_as_fp32(tmp_path, minilm
     if matmul.has_avx512_bf16():
         assert cli.main([*job_args(minilm_dir, src, out), "--precision", "bf16"]) == 1
         assert "precision changed ('fp32' -> 'bf16')" in capsys.readouterr().err
+
+
+def test_run_job_refuses_settings_of_another_tier_than_its_model(minilm, tmp_path):
+    # from Python, the model is loaded by the caller: settings naming another tier are a mistake, said at once
+    from bgesmall.jobs import JobSettings, run_job
+    from bgesmall.kernels.matmul import HAS_BF16
+
+    if not HAS_BF16:
+        pytest.skip("this CPU has no AVX512_BF16: a bf16 request runs fp32 here, so an fp32 model matches it")
+    with pytest.raises(ValueError, match=r"settings.precision is 'bf16' but the model runs 'fp32'"):
+        run_job(minilm, None, tmp_path / "job", None, JobSettings(precision="bf16"))
+    assert not (tmp_path / "job").exists()

@@ -201,3 +201,24 @@ def test_a_kernel_deferred_in_the_compile_ahead_child_still_runs_when_called(pac
                           cwd=package_copy)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["_FirstCallKernel", "0.8413"]  # gelu(1)
+
+
+@pytest.mark.slow
+def test_a_change_to_any_kernel_source_invalidates_every_cached_kernel(package_copy, minilm_dir, tmp_path):
+    # matmul.py's kernels are built from simd.py's vector operations: a change there alone must recompile them
+    # (numba's own stamp is a hash of the kernel's own file only)
+    from bgesmall.kernels.compile_ahead import _index_stamp
+
+    package = tmp_path / "pkg"
+    shutil.copytree(package_copy, package, copy_function=shutil.copy2)
+    shutil.rmtree(package / "bgesmall" / "kernels" / "__pycache__", ignore_errors=True)
+    cache = tmp_path / "cache"
+    env = {"NUMBA_CACHE_DIR": str(cache), "BGESMALL_COMPILE_AHEAD": "0", "BGESMALL_PLAN": "default"}
+    first, _ = run_child(package, minilm_dir, env)
+    [index] = cache.rglob("matmul.linear_panels-*.nbi")
+    before = _index_stamp(str(index))
+    simd = package / "bgesmall" / "kernels" / "simd.py"
+    simd.write_text(simd.read_text() + "\n# a changed helper file\n")
+    again, _ = run_child(package, minilm_dir, env)
+    assert _index_stamp(str(index)) not in (None, before)  # recompiled, and stamped anew
+    np.testing.assert_array_equal(again, first)

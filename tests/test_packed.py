@@ -210,3 +210,21 @@ def test_a_first_load_that_measures_keeps_the_matrices_its_plan_runs_through_bla
     lins = [lin for layer in again.weights.layers for lin in layer.linears()]
     assert all(mapped(lin.panels) and mapped(lin.dense) for lin in lins)
     assert np.array_equal(first.embed(TEXTS), again.embed(TEXTS))
+
+
+def test_writing_sweeps_kept_files_an_earlier_layout_wrote(minilm_dir, plan_dir):
+    # a kept file of an older VERSION whose weights file is unchanged would otherwise stay on disk for good
+    import json
+    import struct
+
+    bgesmall.load(minilm_dir, plan="linear=tiles", threads=1)
+    (current,) = kept_files(plan_dir)
+    with open(current, "rb") as fh:
+        meta, size = packed._read_meta(fh)
+    meta["key"]["version"] = packed.VERSION - 1
+    old = plan_dir / "weights-0000000000000000-1111111111111111.f32"
+    body = json.dumps(meta).encode()
+    old.write_bytes((packed.MAGIC + struct.pack("<Q", size) + body).ljust(size, b"\0"))
+    current.unlink()  # the next load writes its kept file again, and sweeps
+    bgesmall.load(minilm_dir, plan="linear=tiles", threads=1)
+    assert not old.exists() and len(kept_files(plan_dir)) == 1
