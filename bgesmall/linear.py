@@ -18,23 +18,31 @@ A new weight format (AMX tiles) is one more panel dtype here and one more entry 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from .kernels.matmul import linear, linear_bf16, linear_bf16_split, linear_split, pack_columns, pack_pairs, unpack_rows
 from .threads import ONE_CORE_SPLIT
 
-# a tier -> (its kernel over all rows, its kernel with the panels split over threads); the panels' dtype says
-# which tier a Linear is (float32 or uint32 pairs: `Linear.precision`)
-FORMATS = {"fp32": (linear, linear_split), "bf16": (linear_bf16, linear_bf16_split)}
+class Format(NamedTuple):
+    """A tier's weight format: how W is packed and the kernels that read it."""
+
+    pack: Callable  # W [in, out] float32 -> panels
+    run: Callable  # (x, panels, out, block): all rows on this thread
+    split: Callable  # (x, panels, out, parts): the panels shared by `parts` threads
+
+
+# the panels' dtype says which tier a Linear is (float32, or uint32 pairs of bf16: `Linear.precision`)
+FORMATS = {"fp32": Format(pack_columns, linear, linear_split), "bf16": Format(pack_pairs, linear_bf16, linear_bf16_split)}
 
 
 def _tiles(lin: "Linear", x: np.ndarray, out: np.ndarray) -> None:
-    FORMATS[lin.precision][0](x, lin.panels, out, 0)
+    FORMATS[lin.precision].run(x, lin.panels, out, 0)
 
 
 def _tiles_blocked(lin: "Linear", x: np.ndarray, out: np.ndarray) -> None:
-    FORMATS[lin.precision][0](x, lin.panels, out, 48)
+    FORMATS[lin.precision].run(x, lin.panels, out, 48)
 
 
 def _blas(lin: "Linear", x: np.ndarray, out: np.ndarray) -> None:
@@ -65,8 +73,7 @@ class Linear:
     def from_torch(cls, w: np.ndarray, choices: tuple[tuple[int, str], ...] | None = None,
                    precision: str = "fp32") -> "Linear":
         # [out, in] -> Linear; with the plan's choices known, BLAS reads w itself (as w.T, [in, out]): no copy
-        pack = pack_pairs if precision == "bf16" else pack_columns
-        lin = cls(pack(w.T), w.shape[0], in_features=w.shape[1])
+        lin = cls(FORMATS[precision].pack(w.T), w.shape[0], in_features=w.shape[1])
         if choices is not None:
             lin.prepare(choices, source=w)
         return lin
@@ -111,8 +118,8 @@ class Linear:
         # x [rows, in] @ W [in, out] -> out [rows, out]; parts > 1: W's panels shared by that many threads;
         # 1: the plan's choice for this many rows; ONE_CORE_SPLIT: the split's tiles on this thread alone
         if parts > 1:
-            FORMATS[self.precision][1](x, self.panels, out, parts)
+            FORMATS[self.precision].split(x, self.panels, out, parts)
         elif parts == ONE_CORE_SPLIT:
-            FORMATS[self.precision][0](x, self.panels, out, 0)
+            FORMATS[self.precision].run(x, self.panels, out, 0)
         else:
             IMPLEMENTATIONS[self.implementation(x.shape[0])](self, x, out)
