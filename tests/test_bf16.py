@@ -10,9 +10,9 @@ exact tier there is tested on every CPU, in test_kernels.py and below).
 
 from __future__ import annotations
 
-import re
-import random
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +21,14 @@ import bgesmall
 from bgesmall import precision as tiers
 from bgesmall.kernels.matmul import HAS_BF16
 from test_parity import BATCH_TOLERANCE, BGE, MINILM, _checkpoint, assert_parity
+
+# the fidelity report's own measures and the benchmark's texts (benchmarks/fidelity.py, benchmarks/workloads.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+try:
+    import workloads
+    from fidelity import cosines, neighbour_agreement, spearman
+finally:
+    sys.path.pop(0)
 
 needs_bf16 = pytest.mark.skipif(
     not HAS_BF16, reason="this CPU has no AVX512_BF16 (no avx512_bf16 in /proc/cpuinfo): the bf16 kernels are "
@@ -31,59 +39,14 @@ SPEARMAN_DELTA = 0.002
 NEIGHBOUR_AGREEMENT = 0.98
 
 
-def corpus(n: int) -> list[str]:
-    # n paragraphs of CPython's language reference, as benchmarks/workloads.py picks them (every machine has it)
-    from pydoc_data.topics import topics
-
-    paras = [p.strip() for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key]) if len(p.split()) >= 4]
-    keep = sorted(random.Random(0).sample(range(len(paras)), n))
-    return [paras[i] for i in keep]
-
-
 def stsb_pairs():
     """(sentences 1, sentences 2, scores) of STS-B dev, from the shared data folder; skip if it is absent."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        from workloads import default_stsb_path
-    finally:
-        sys.path.pop(0)
-    path = default_stsb_path()
+    path = workloads.default_stsb_path()
     if not path.is_file():
         pytest.skip(f"STS-B dev is not at {path} (it lives in the shared data folder, not in the repository; "
                     "set BGESMALL_SHARED to the folder holding data/stsb-dev.tsv)")
-    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()]
-    rows = [r for r in rows if len(r) >= 10]
-    return [r[7] for r in rows], [r[8] for r in rows], np.array([float(r[9]) for r in rows])
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    def ranks(v):  # average ranks of ties, as scipy's spearmanr
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        for value in np.unique(v[np.r_[False, np.diff(np.sort(v)) == 0]]):
-            r[v == value] = r[v == value].mean()
-        return r
-
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
-
-
-def neighbour_agreement(exact: np.ndarray, fast: np.ndarray, k: int = 10) -> float:
-    # mean over rows of |top-k neighbours under exact ∩ under fast| / k, each row's own vector left out
-    def top(v):
-        sim = v @ v.T
-        np.fill_diagonal(sim, -np.inf)
-        return np.argsort(-sim, axis=1)[:, :k]
-
-    a, b = top(exact), top(fast)
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))  # unit rows
+    first, second, scores = workloads.stsb_pairs(path)
+    return first, second, np.array(scores)
 
 
 # -- fixtures: each test model in both tiers -----------------------------------------------------------------
@@ -103,7 +66,7 @@ def pair(request, minilm_dir, bge_dir):
 
 @pytest.fixture(scope="module")
 def paragraphs():
-    return corpus(300)
+    return workloads.corpus_paragraphs(300)
 
 
 # -- fidelity ---------------------------------------------------------------------------------------------------
