@@ -6,6 +6,7 @@ import warnings
 import numba
 from numba.core import typeinfer
 from numba.core.caching import FunctionCache, NullCache
+from numba.core.registry import CPUDispatcher
 
 from . import compile_ahead
 
@@ -24,9 +25,33 @@ def inner(*, fastmath=False):
     that calls it for the types it passes, vector values among them.
 
     No signature and no cache of its own: its code is in each calling kernel's cache, so nothing is loaded for it
-    when bgesmall starts (each cached function costs a start about 10 ms). Called from Python, as the tests do,
-    it compiles for the arguments given. Its fastmath flags travel with its instructions when LLVM inlines it."""
-    return numba.njit(nogil=True, fastmath=fastmath, error_model="numpy")
+    when bgesmall starts (each cached function costs a start about 10 ms). And no CPython wrapper, which numba
+    would otherwise compile for every signature a kernel calls it with (a third of a cold start's compile of the
+    linear kernels): called from Python, as the tests do, it compiles a twin that has one (`_Inner`). Its
+    fastmath flags travel with its instructions when LLVM inlines it."""
+    options = dict(nogil=True, fastmath=fastmath, error_model="numpy")
+
+    def decorate(fn):
+        if numba.config.DISABLE_JIT:
+            return fn
+        return _Inner(py_func=fn, locals={}, targetoptions=dict(options, nopython=True, boundscheck=None,
+                                                                  no_cpython_wrapper=True, no_cfunc_wrapper=True))
+
+    return decorate
+
+
+class _Inner(CPUDispatcher):
+    """A dispatcher compiled for kernels only: its overloads have no entry point that Python could call (numba's
+    own call would jump into nothing), so a call from Python goes to a twin compiled with the same options and a
+    wrapper."""
+
+    _twin = None
+
+    def __call__(self, *args, **kwargs):
+        if self._twin is None:
+            options = {k: v for k, v in self.targetoptions.items() if k not in ("no_cpython_wrapper", "no_cfunc_wrapper", "nopython")}
+            self._twin = numba.njit(**options)(self.py_func)
+        return self._twin(*args, **kwargs)
 
 
 def leaf():
@@ -39,12 +64,14 @@ def helper():
     return inner()
 
 
-def first_call_kernel(signature):
+def first_call_kernel(signature, *, fastmath=False):
     """A kernel compiled (or loaded from the cache) at its first call, not at import: for code that only some
-    CPUs can compile (the bf16 kernels need AVX512_BF16), which a machine without it must never compile."""
+    CPUs can compile (the bf16 kernels need AVX512_BF16), which a machine without it must never compile, and
+    for code that only some models run (attention over heads that are not 32 wide), which must not lengthen
+    every cold start."""
 
     def decorate(fn):
-        return _FirstCallKernel(fn, signature, nogil=True, error_model="numpy")
+        return _FirstCallKernel(fn, signature, nogil=True, fastmath=fastmath, error_model="numpy")
 
     return decorate
 
@@ -74,6 +101,7 @@ class _FirstCallKernel:
         if self._disp is None:
             with self._lock:
                 if self._disp is None:
+                    compile_ahead.join()  # a compile-ahead child may be compiling this kernel: its result, first
                     self._disp = _compile_cached(self.py_func, self.signature, self.options)
         return self._disp
 
@@ -88,7 +116,7 @@ def _cached_njit(signature, **options):
     kernel found in the cache loads without numba's full target refresh (see _GuardedCache.load_overload)."""
 
     def decorate(fn):
-        if not compile_ahead.compiles_here(fn.__module__):  # a compile-ahead child, for another module's kernel
+        if not compile_ahead.compiles_here(fn.__module__, fn.__name__):  # the other process's share of a cold start
             return _FirstCallKernel(fn, signature, **options)
         return _compile_cached(fn, signature, options)
 
