@@ -13,24 +13,26 @@ added), so that 16 scores of a query are 32 FMAs of its broadcast elements by ro
 time (eight independent chains of FMAs; a short group repeats its last row, so a row's result never depends on
 the rows beside it); each row's max and sum are vector reductions and its exp one vectorized pass over all eight
 rows; the weighted sum of values is two 16-lane accumulators per query, a row of values read once for all eight.
-Other head sizes take a scalar version that keeps the keys row-major and scores by dot products along the head
-dimension. (Slicing or calling a function inside these loops costs numba a reference-count update each time:
+Shorter sequences, and the lone [CLS] rows of the last layer, go a query row at a time: a score is two FMAs
+over the row's two vectors and a sum across lanes. Other head sizes take a scalar kernel, compiled at its first
+call (`attention_any`), that keeps the keys row-major and scores by dot products along the head dimension. (Slicing or calling a function inside these loops costs numba a reference-count update each time:
 the loops index arrays directly.)
 """
 
 import numpy as np
 
 from .activations import exp_nonpositive
-from .jit import helper, kernel
+from .jit import first_call_kernel, helper, kernel
 from .simd import fma16, hmax16, hsum16, load16, max16, splat16, store16, zeros16
 
 QUERIES = 8  # query rows computed together (eight chains of FMAs in flight)
 HEAD = 32  # the head size of the vector kernel
-# Sequences shorter than this take the scalar kernel (its padding to 8 queries and 16 keys costs more than the
-# vectors save): against the scalar kernel alone, one thread, AMD EPYC Zen 5, ~960 tokens of n-token sequences,
-# best of 15 alternating: n = 4: 0.30x, 7: 0.67x, 9: 0.72x, 12: 1.01x, 16: 1.55x, 24: 1.45x, 32: 1.71x, 53: 1.56x,
-# 128: 2.63x. Under first_only (the last layer's [CLS] rows) every sequence takes the scalar kernel: one query.
-VECTOR_FROM = 12
+# Sequences shorter than this go a query row at a time (_attend_rows: a score is two FMAs and a sum across lanes;
+# the eight-row blocks pad the keys to 16 and the queries to 8, and pay for a transposed copy). Against the
+# blocks, one thread, AMD EPYC Zen 5, ~960 tokens of n-token sequences, best of 15 alternating: n = 12: 0.71x,
+# 16: 0.79x, 20: 0.65x, 24: 0.83x, 32: 1.03x, 48: 1.42x; against the scalar kernel (attention_any) that had the
+# sequences below 12: n = 4: 0.99x, 7: 0.79x, 9: 0.70x, 11: 0.67x. first_only's [CLS] rows go a row at a time.
+VECTOR_FROM = 28
 
 
 @helper()
@@ -160,61 +162,133 @@ def _values8(seq, qkv_b, start, n, queries, i, o, width, p, inv, out):
 
 
 @helper()
-def _attention32(qkv, qkv_b, starts, lengths, num_heads, out, longest):
-    # the vector kernel for heads of 32 (see the module's doc), every head of each sequence of VECTOR_FROM
-    # tokens or more
+def _attend_rows(qkv, qkv_b, start, n, rows, o, scale, keys, p, bits, out):
+    # out[start + i, o:o + 32] <- softmax_j(q_i . k_j) v_j + bias_v over the sequence's n keys, for the first
+    # `rows` rows and one head (columns o .. o + 31, each row's slice two vectors): short sequences and lone
+    # [CLS] rows; keys [>= n, 32], p, bits [>= n]: scratch
+    three = qkv.shape[1]
+    hidden = three // 3
+    one, nothing = splat16(np.float32(1.0)), zeros16()
+    klo_b, khi_b = load16(qkv_b, hidden + o), load16(qkv_b, hidden + o + 16)
+    src, base, stride = qkv, start * three + hidden + o, three  # one row reads the keys where they are
+    if rows > 1:  # more: the head's keys once, bias added, side by side
+        for j in range(n):
+            at = base + j * stride
+            store16(keys, j * HEAD, fma16(load16(qkv, at), one, klo_b))
+            store16(keys, j * HEAD + 16, fma16(load16(qkv, at + 16), one, khi_b))
+        src, base, stride, klo_b, khi_b = keys, 0, HEAD, nothing, nothing
+    qlo_b, qhi_b, sc = load16(qkv_b, o), load16(qkv_b, o + 16), splat16(scale)
+    vo = 2 * hidden + o
+    vlo_b, vhi_b = load16(qkv_b, vo), load16(qkv_b, vo + 16)
+    for i in range(rows):
+        at = (start + i) * three + o
+        qlo = fma16(fma16(load16(qkv, at), one, qlo_b), sc, nothing)  # (q + b) * scale
+        qhi = fma16(fma16(load16(qkv, at + 16), one, qhi_b), sc, nothing)
+        m = np.float32(-np.inf)
+        for j in range(n):
+            at = base + j * stride
+            klo, khi = fma16(load16(src, at), one, klo_b), fma16(load16(src, at + 16), one, khi_b)
+            t = hsum16(fma16(qhi, khi, fma16(qlo, klo, nothing)))
+            p[j] = t
+            m = max(m, t)
+        for j in range(n):
+            p[j] -= m
+        exp_nonpositive(p, bits)
+        total = np.float32(0.0)
+        for j in range(n):
+            total += p[j]
+        lo = hi = nothing
+        for j in range(n):  # the weighted sum of the values; their bias is added once: the weights sum to 1
+            at = (start + j) * three + vo
+            w = splat16(p[j])
+            lo, hi = fma16(w, load16(qkv, at), lo), fma16(w, load16(qkv, at + 16), hi)
+        _store_row(out, (start + i) * out.shape[1] + o, lo, hi, np.float32(1.0) / total, vlo_b, vhi_b)
+
+
+@helper()
+def _attend_blocks(qkv, qkv_b, start, n, num_heads, scale, local, kt, q, p, bits, inv, pad, out):
+    # every head of one sequence of n >= VECTOR_FROM tokens, its queries eight at a time (see the module's doc);
+    # local [>= n, 3 hidden], kt, q, p, bits, inv, pad: scratch sized for the longest such sequence
+    width = (n + 15) // 16 * 16
+    for j in range(width):
+        pad[j] = 0.0 if j < n else -np.inf
+    queries = n
+    rows = (queries + QUERIES - 1) // QUERIES * QUERIES
+    # a contiguous copy first: each head reads 128 bytes of every row, which from a batch's qkv (a few MB,
+    # in L3 at best) costs a cache miss per row and head (1024 tokens of 16-token sequences: 3.6x slower)
+    seq = local[:n]
+    for j in range(n):
+        for c in range(qkv.shape[1]):
+            seq[j, c] = qkv[start + j, c]
+    for h in range(num_heads):
+        o = h * HEAD
+        _head_inputs(seq, qkv_b, n, queries, o, width, scale, kt, q)
+        for i in range(0, rows, QUERIES):
+            _scores8(kt, q, i, width, p)
+        _shift_rows(p, rows, width, pad)
+        exp_nonpositive(p[: rows * width], bits[: rows * width])
+        _row_sums(p, rows, width, inv)
+        for i in range(0, queries, QUERIES):
+            _values8(seq, qkv_b, start, n, queries, i, o, width, p, inv, out)
+
+
+SIGNATURE = "void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, b1, f4[:, ::1])"
+
+
+# reassoc + contract only (no nnan/ninf): sums may be reordered so they vectorize; inf and NaN keep their meaning.
+@kernel(SIGNATURE, fastmath={"contract", "reassoc"})
+def attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
+    # `attention` for heads of 32 (qkv [tokens, 3 * 32 heads], qkv_b [3 * 32 heads], starts, lengths [sequences],
+    # out [tokens, 32 heads]), a query row at a time: the sequences shorter than VECTOR_FROM, or under
+    # first_only every sequence's [CLS] row
     scale = np.float32(1.0 / np.sqrt(np.float32(HEAD)))
-    widest = (longest + 15) // 16 * 16
-    most = (longest + QUERIES - 1) // QUERIES * QUERIES
+    longest = np.int64(0)  # not the literal 0: numba would compile what it is passed to twice, once for Literal[int](0)
+    for s in range(starts.shape[0]):
+        if first_only or lengths[s] < VECTOR_FROM:
+            longest = max(longest, lengths[s])
+    keys = np.empty((longest, HEAD), dtype=np.float32)  # one head's keys, bias added
+    p = np.empty(longest, dtype=np.float32)  # one row's scores, then weights
+    bits = np.empty(longest, dtype=np.int32)
+    for s in range(starts.shape[0]):
+        start, n = starts[s], lengths[s]
+        if first_only or n < VECTOR_FROM:
+            for h in range(num_heads):
+                _attend_rows(qkv, qkv_b, start, n, 1 if first_only else n, h * HEAD, scale, keys, p[:n], bits[:n], out)
+
+
+@kernel(SIGNATURE, fastmath={"contract", "reassoc"})
+def attention_blocks(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
+    # `attention` for heads of 32, as attention_rows, eight query rows at a time: the sequences of VECTOR_FROM
+    # tokens or more (none under first_only)
+    scale = np.float32(1.0 / np.sqrt(np.float32(HEAD)))
+    blocked = np.int64(0)  # the longest of them
+    for s in range(starts.shape[0]):
+        if not first_only and lengths[s] >= VECTOR_FROM:
+            blocked = max(blocked, lengths[s])
+    widest = (blocked + 15) // 16 * 16
+    most = (blocked + QUERIES - 1) // QUERIES * QUERIES
     kt = np.empty(HEAD * widest, dtype=np.float32)  # [32, width]: one head's keys
     q = np.empty(most * HEAD, dtype=np.float32)  # [rows, 32]: its queries
     p = np.empty(most * widest, dtype=np.float32)  # [rows, width]: their scores, then weights
     bits = np.empty(most * widest, dtype=np.int32)
     inv = np.empty(most, dtype=np.float32)
     pad = np.empty(widest, dtype=np.float32)
-    local = np.empty((longest, qkv.shape[1]), dtype=np.float32)  # one sequence's rows, near the core for every head
+    local = np.empty((blocked, qkv.shape[1]), dtype=np.float32)  # one sequence's rows, near the core for every head
     for s in range(starts.shape[0]):
         start, n = starts[s], lengths[s]
-        if n < VECTOR_FROM:
-            continue
-        width = (n + 15) // 16 * 16
-        for j in range(width):
-            pad[j] = 0.0 if j < n else -np.inf
-        queries = n
-        rows = (queries + QUERIES - 1) // QUERIES * QUERIES
-        # a contiguous copy first: each head reads 128 bytes of every row, which from a batch's qkv (a few MB,
-        # in L3 at best) costs a cache miss per row and head (1024 tokens of 16-token sequences: 3.6x slower)
-        seq = local[:n]
-        for j in range(n):
-            for c in range(qkv.shape[1]):
-                seq[j, c] = qkv[start + j, c]
-        for h in range(num_heads):
-            o = h * HEAD
-            _head_inputs(seq, qkv_b, n, queries, o, width, scale, kt, q)
-            for i in range(0, rows, QUERIES):
-                _scores8(kt, q, i, width, p)
-            _shift_rows(p, rows, width, pad)
-            exp_nonpositive(p[: rows * width], bits[: rows * width])
-            _row_sums(p, rows, width, inv)
-            for i in range(0, queries, QUERIES):
-                _values8(seq, qkv_b, start, n, queries, i, o, width, p, inv, out)
+        if not first_only and n >= VECTOR_FROM:
+            _attend_blocks(qkv, qkv_b, start, n, num_heads, scale, local, kt, q, p, bits, inv, pad, out)
 
 
-# reassoc + contract only (no nnan/ninf): sums may be reordered so they vectorize; inf and NaN keep their meaning.
-@kernel("void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, b1, f4[:, ::1])", fastmath={"contract", "reassoc"})
-def attention(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
-    # qkv [tokens, 3 * hidden] (query | key | value, bias not yet added), qkv_b [3 * hidden],
-    # starts, lengths [sequences], out [tokens, hidden] <- per sequence and head h: softmax(q_h k_h^T / sqrt(d)) v_h
-    # (rows of out outside the given sequences are left as they are). first_only: only each sequence's first
-    # query row (its [CLS] token) is computed and written, over all of its keys and values.
+@first_call_kernel(SIGNATURE, fastmath={"contract", "reassoc"})
+def attention_any(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
+    # `attention` for any head size, by dot products along the head dimension (keys row-major, every head's at
+    # once): compiled at its first call, as only a model whose heads are not 32 wide calls it
     hidden = out.shape[1]
     d = hidden // num_heads
-    longest = 0
+    longest = np.int64(0)
     for s in range(starts.shape[0]):
         longest = max(longest, lengths[s])
-    vector = d == HEAD and qkv.shape[1] == 3 * hidden and not first_only
-    if vector:
-        _attention32(qkv, qkv_b, starts, lengths, num_heads, out, longest)
     scale = np.float32(1.0 / np.sqrt(d))
     k = np.empty((longest, hidden), dtype=np.float32)  # keys of one sequence, every head, bias added
     q = np.empty(hidden, dtype=np.float32)  # one query row, every head, bias added and scaled
@@ -223,8 +297,6 @@ def attention(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
     acc = np.empty(d, dtype=np.float32)
     for s in range(starts.shape[0]):
         start, n = starts[s], lengths[s]
-        if vector and n >= VECTOR_FROM:  # done above
-            continue
         p = p_buf[:n]
         for j in range(n):
             for c in range(hidden):
@@ -257,6 +329,22 @@ def attention(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
                         acc[c] += pj * qkv[start + j, vo + c]
                 for c in range(d):  # the values' bias, added once: the weights sum to 1
                     out[start + i, o + c] = acc[c] * inv + qkv_b[vo + c]
+
+
+
+def attention(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
+    """qkv [tokens, 3 * hidden] (query | key | value, bias not yet added), qkv_b [3 * hidden], starts, lengths
+    [sequences], out [tokens, hidden] <- per sequence and head h: softmax(q_h k_h^T / sqrt(d)) v_h (rows of out
+    outside the given sequences are left as they are). first_only: only each sequence's first query row (its
+    [CLS] token) is computed and written, over all of its keys and values. Heads of 32 take `attention_rows` and
+    `attention_blocks` (by sequence length), any other size `attention_any`."""
+    hidden = getattr(out, "shape", (0, 0))[-1]
+    if hidden == HEAD * num_heads and getattr(qkv, "shape", (0, 0))[-1] == 3 * hidden:
+        attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, out)
+        if not first_only:
+            attention_blocks(qkv, qkv_b, starts, lengths, num_heads, first_only, out)
+    else:
+        attention_any(qkv, qkv_b, starts, lengths, num_heads, first_only, out)
 
 
 @kernel("void(f4[:, :, ::1], f4)", fastmath={"contract", "reassoc"})
