@@ -17,14 +17,12 @@ Decorator policy, written down once (see `jit.py`):
 
 from . import compile_ahead
 
-# With numba's cache empty, a child process compiles matmul.py's kernels while this one compiles the others
-# (compile_ahead.py); matmul.py is imported last, once the child is done, and loads them from the cache.
-_child = compile_ahead.start()
+# With numba's cache empty, a child process compiles about half of the kernels while this one compiles the rest
+# (compile_ahead.py); this process loads the child's share from the cache at their first call.
+compile_ahead.begin()
 from .activations import bias_gelu, erf, exp_nonpositive, gelu  # noqa: E402
 from .attention import attention, softmax_rows  # noqa: E402
 from .layernorm import embed_layernorm, residual_layernorm  # noqa: E402
-
-compile_ahead.wait(_child)
 from .matmul import linear, linear_split, pack_columns, unpack_columns, unpack_rows  # noqa: E402
 
 __all__ = [

@@ -1,20 +1,21 @@
 """A cold start compiles the kernels on two cores instead of one.
 
 With numba's cache empty (the first use on a machine, or after an upgrade), compiling the kernels is most of
-the start: about 9 s on one core of an AMD EPYC (Zen 3), half of it for the linear layers' kernels
-(`matmul.py`: `linear_panels`, and `linear_split`, compiled at its first call). numba compiles one function at a
-time under one lock, so a second thread would not help; a second process does. When the cache holds no
-`matmul.py` kernels, `start()` runs a child Python that compiles just those into numba's on-disk cache while this
-process compiles the others (activations, attention, layer norms); `wait()` joins it before `matmul.py` is
-imported, which then loads them from the cache. Whatever happens to the child (killed, failed, too slow, a cache
-it could not write), this process compiles what is missing itself: the child can only make a start shorter.
+the start: about 7 s on one core of an AMD EPYC (Zen 5). numba compiles one function at a time under one lock, so
+a second thread would not help; a second process does. When the cache lacks a kernel of CHILD_KERNELS (about
+half of the compile: the linear layers', the layer norms and bias_gelu), `begin()` starts a child Python that
+compiles just those into numba's on-disk cache, while this process compiles the others (attention's, softmax's)
+and goes on to load the weights. Here the child's share is decorated as kernels compiled at their first call; the
+first such call joins the child (`join`) and then loads the kernel from the cache. Whatever happens to the child
+(killed, failed, too slow, a cache it could not write), this process compiles what is missing itself: the child
+can only make a start shorter.
 
-No child when: the cache already has them (a warm start reads two small index files), one core, no idle core (of
+No child when: the cache already has them (a warm start reads the index files of the share), one core, no idle core (of
 the cores this process may run on, those in use over a tenth of a second, from /proc/stat, are within half a core
 of their count: the child would only take turns with this process; the 1-minute load average where there is no
 /proc/stat), numba's JIT is disabled, the cache cannot be written, the interpreter is not a plain `python`
 executable (embedded in a server), or BGESMALL_COMPILE_AHEAD=0. And if the child is still compiling when this
-process is done with its share and has waited half as long again, the machine was busier than it looked: the
+process needs its share and has waited half as long again, the machine was busier than it looked: the
 child is stopped and this process compiles the rest itself. BGESMALL_COMPILE_AHEAD=1 starts a child whatever
 the load and waits for it (up to TIMEOUT_S).
 """
@@ -30,21 +31,43 @@ import subprocess
 import sys
 import time
 
-CHILD_ENV = "BGESMALL_COMPILE_ONLY"  # set in the child: the module whose kernels it compiles; others stay lazy
+CHILD_ENV = "BGESMALL_COMPILE_ONLY"  # set in the child: the kernels it compiles ("module.name", comma-separated)
 SWITCH_ENV = "BGESMALL_COMPILE_AHEAD"
-CHILD_MODULE = "matmul"
+# The child's share: about half of the compile (AMD EPYC Zen 5, one process, best of 2: attention_blocks 1.9 s,
+# linear_split 0.9 s, the layer norms 0.4 s; this process keeps attention_rows, bias_gelu, softmax_rows and
+# linear_panels, 2.9 s, then loads the weights). Kernels named here are loaded in this process at their first call,
+# which first joins the child.
+CHILD_KERNELS = ("matmul.linear_panels", "matmul.linear_split", "layernorm.residual_layernorm",
+                 "layernorm.embed_layernorm", "activations.bias_gelu")
 TIMEOUT_S = 300.0
-CHILD_CODE = "import bgesmall.kernels.matmul as m; m.linear_split.dispatcher()"
+CHILD_CODE = f"""
+import importlib, os
+for kernel in os.environ[{CHILD_ENV!r}].split(","):  # decorated at import; one compiled at its first call, here
+    module, name = kernel.split(".")
+    getattr(getattr(importlib.import_module("bgesmall.kernels." + module), name), "dispatcher", lambda: None)()
+"""
+_child = None  # the running child, until a kernel of its share is first needed
 
 
 def in_child() -> bool:
     return bool(os.environ.get(CHILD_ENV))
 
 
-def compiles_here(module: str) -> bool:
-    """Whether this process compiles the kernels of `module` (bgesmall.kernels.X) when they are decorated."""
+def compiles_here(module: str, name: str) -> bool:
+    """Whether this process compiles kernel `name` of `module` (bgesmall.kernels.X) when it is decorated: in the
+    child, only its share; here, all but the child's share while a child runs (those at their first call)."""
+    kernel = f"{module.rsplit('.', 1)[-1]}.{name}"
     only = os.environ.get(CHILD_ENV)
-    return not only or module.rsplit(".", 1)[-1] == only
+    if only:
+        return kernel in only.split(",")
+    return _child is None or kernel not in CHILD_KERNELS
+
+
+def join() -> None:
+    """Wait for the child, if one is running (see `wait`): before the first call of a kernel of its share."""
+    global _child
+    child, _child = _child, None
+    wait(child)
 
 
 def _cache_dir() -> str | None:
@@ -62,8 +85,8 @@ def _cached(cache_dir: str) -> bool:
     # changed source gets a new index); anything unreadable: assume cached
     try:
         stamp = sources_stamp()
-        for name in ("linear_panels", "linear_split"):
-            if not any(_index_stamp(p) == stamp for p in glob.glob(os.path.join(cache_dir, f"{CHILD_MODULE}.{name}-*.nbi"))):
+        for kernel in CHILD_KERNELS:
+            if not any(_index_stamp(p) == stamp for p in glob.glob(os.path.join(cache_dir, f"{kernel}-*.nbi"))):
                 return False
         return True
     except Exception:  # noqa: BLE001 - numba's internals moved: no child, the start compiles as it always did
@@ -129,8 +152,15 @@ def busy_cores(cores: int, window_s: float = 0.1) -> float:
         return 0.0
 
 
+def begin() -> None:
+    """Start the child where one is worth it (`start`): its share of the kernels is then decorated here as kernels
+    compiled at their first call, which joins it first and so finds them in the cache."""
+    global _child
+    _child = start()
+
+
 def start() -> subprocess.Popen | None:
-    """The child compiling matmul.py's kernels, or None where none is worth starting (see the module's doc)."""
+    """The child compiling CHILD_KERNELS, or None where none is worth starting (see the module's doc)."""
     if in_child() or os.environ.get(SWITCH_ENV, "1") == "0":
         return None
     import numba
@@ -152,7 +182,7 @@ def start() -> subprocess.Popen | None:
     forced = os.environ.get(SWITCH_ENV) == "1"
     if busy_cores(cores) > cores - 0.5 and not forced:
         return None
-    env = dict(os.environ, **{CHILD_ENV: CHILD_MODULE, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    env = dict(os.environ, **{CHILD_ENV: ",".join(CHILD_KERNELS), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     try:
         child = subprocess.Popen([sys.executable, "-c", CHILD_CODE], env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

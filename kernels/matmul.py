@@ -312,8 +312,8 @@ def linear_split(x, w, out, parts):
     # product is a stream of the whole weight matrix that one core cannot consume alone
     panels = w.shape[0]
     _check_shapes(x, w, out, np.int64(0), panels)  # int64s, as linear_panels passes: one compiled check for both
-    for part in numba.prange(parts):
-        linear_panels(x, w, out, part * panels // parts, (part + 1) * panels // parts, 0)
+    for part in numba.prange(parts):  # the helper, not the kernel linear_panels: each compiles on its own
+        _linear_range(x, w, out, part * panels // parts, (part + 1) * panels // parts, np.int64(0))
 
 
 # -- bf16: the same tiles over pairs of bfloat16 ---------------------------------------------------------------
