@@ -33,10 +33,10 @@ import time
 
 CHILD_ENV = "BGESMALL_COMPILE_ONLY"  # set in the child: the kernels it compiles ("module.name", comma-separated)
 SWITCH_ENV = "BGESMALL_COMPILE_AHEAD"
-# The child's share: about half of the compile (AMD EPYC Zen 5, one process, best of 2: attention_blocks 1.9 s,
-# linear_split 0.9 s, the layer norms 0.4 s; this process keeps attention_rows, bias_gelu, softmax_rows and
-# linear_panels, 2.9 s, then loads the weights). Kernels named here are loaded in this process at their first call,
-# which first joins the child.
+# The child's share, about half of the compile (AMD EPYC Zen 5, one process at a time, from an empty cache:
+# linear_panels 1.4-1.7 s, linear_split 0.9 s, the layer norms 0.4 s, bias_gelu 0.6 s; this process keeps
+# attention_rows 1.4 s, attention_blocks 1.9-2.5 s and softmax_rows 0.2 s). Kernels that share helpers stay
+# together: each process compiles the helpers of its own kernels.
 CHILD_KERNELS = ("matmul.linear_panels", "matmul.linear_split", "layernorm.residual_layernorm",
                  "layernorm.embed_layernorm", "activations.bias_gelu")
 TIMEOUT_S = 300.0
