@@ -2,7 +2,7 @@
 
 Loading bge-small reads 133 MB and packs its 48 weight matrices into column panels (kernels/matmul.py,
 `pack_columns`), rewriting 85 MB: most of a warm start's load, and much of it the cost of faulting in fresh
-memory. The first load of a weights file on a machine writes what it built to `plan_dir()` /
+memory. The first load of a weights file on a machine writes (in a thread of its own: `write_soon`) what it built to `plan_dir()` /
 weights-<file>-<key>.f32 (beside the plan, so beside numba's cache): every linear layer's panels, the plain
 [out, in] matrix of those the plan runs through BLAS, and the three embedding tables. A later load maps that
 file copy-on-write: nothing is read until a kernel touches it, the pages are the OS file cache's own, and
@@ -33,6 +33,7 @@ import json
 import os
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,7 @@ def read(k: dict, cfg) -> dict[str, np.ndarray] | None:
     """The kept arrays for key k, by name ("word", "position", "token_type", "<i>.panels", "<i>.torch"), mapped
     copy-on-write; None if there is no usable file."""
     path = kept_path(k)
+    finish(path)  # this process may be writing it
     try:
         fh = open(path, "rb")
     except (FileNotFoundError, NotADirectoryError):
@@ -159,11 +161,39 @@ def _typed(a: np.ndarray, pairs: bool) -> np.ndarray:
     return a.view(np.uint32) if pairs else a
 
 
-def write(k: dict, arrays: dict[str, np.ndarray]) -> Path | None:
+def write_soon(k: dict, arrays: dict[str, np.ndarray]) -> None:
+    """`write`, in a thread of its own: a first load returns without waiting for 130 MB to reach the disk (0.4 s
+    of a cold start on a 2-core AMD EPYC), and the first embeddings run meanwhile. The thread is not a daemon,
+    so the interpreter finishes the file before it exits; a `read` of the same file in this process, and
+    `finish()`, wait for it."""
+    path = kept_path(k)  # now: the folder is read from the environment
+    thread = threading.Thread(target=write, args=(k, arrays, path), name="bgesmall-keep-weights")
+    with _writing_lock:
+        _writing[path] = thread
+    thread.start()
+
+
+_writing: dict[Path, threading.Thread] = {}  # kept files being written by write_soon, by path
+_writing_lock = threading.Lock()
+
+
+def finish(path: Path | None = None) -> None:
+    """Wait until the kept files that write_soon is writing (only the one at `path`, if given) are written."""
+    with _writing_lock:
+        threads = list(_writing.values()) if path is None else [_writing[path]] if path in _writing else []
+    for thread in threads:
+        thread.join()
+        with _writing_lock:
+            for p, t in list(_writing.items()):
+                if t is thread:
+                    del _writing[p]
+
+
+def write(k: dict, arrays: dict[str, np.ndarray], path: Path | None = None) -> Path | None:
     """Keep these arrays (named and ordered as `expected` lists them) for key k, atomically (a temporary file
     written, flushed to disk and renamed into place), and remove kept files that no longer match their weights
     file (see `_sweep`). On failure: one line on stderr, and None."""
-    path = kept_path(k)
+    path = path or kept_path(k)
     listed = [(name, tuple(a.shape)) for name, a in arrays.items()]
     body = json.dumps({"key": k, "arrays": [[n, list(s)] for n, s in listed]}).encode()
     header_bytes = -(-(len(MAGIC) + 8 + len(body)) // ALIGN) * ALIGN

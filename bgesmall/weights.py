@@ -75,7 +75,8 @@ class BertWeights:
                 lin.prepare(plan.linear_choices(lin.shape))
 
     def keep(self) -> None:
-        """Write the kept file for the next load (once the plan has given each layer its formats), if wanted."""
+        """Write the kept file for the next load (once the plan has given each layer its formats), if wanted: in
+        the background (packed.write_soon)."""
         if self.kept_key is None:
             return
         e = self.embeddings
@@ -84,7 +85,7 @@ class BertWeights:
             arrays[f"{i}.panels"] = lin.panels
             if lin.dense is not None:
                 arrays[f"{i}.torch"] = lin.dense.T  # dense is an [out, in] matrix's transpose: a view
-        packed.write(self.kept_key, arrays)
+        packed.write_soon(self.kept_key, arrays)
 
 
 def expected_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:

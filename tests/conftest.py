@@ -42,6 +42,16 @@ def plan_dir(tmp_path, monkeypatch) -> Path:
     return d
 
 
+@pytest.fixture(autouse=True)
+def _kept_files_written():
+    """Each test's kept weights files (written in a thread by bgesmall.packed.write_soon) are whole, or failed with
+    their line on stderr, before the test ends: not while the next test runs (or after its folder is gone)."""
+    yield
+    from bgesmall import packed
+
+    packed.finish()
+
+
 @pytest.fixture(scope="session")
 def minilm(minilm_dir) -> bgesmall.Model:
     return bgesmall.load(minilm_dir)

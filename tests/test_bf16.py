@@ -20,6 +20,7 @@ import pytest
 import bgesmall
 from bgesmall import precision as tiers
 from bgesmall.kernels.matmul import HAS_BF16
+from test_packed import kept_files
 from test_parity import BATCH_TOLERANCE, BGE, MINILM, _checkpoint, assert_parity
 
 # the fidelity report's own measures and the benchmark's texts (benchmarks/fidelity.py, benchmarks/workloads.py)
@@ -153,14 +154,14 @@ def test_bf16_kept_weights_file_is_mapped_on_the_next_load(minilm_dir, plan_dir)
 
     first = bgesmall.load(minilm_dir, precision="bf16")
     assert packed.enabled(first.config) and first.weights.kept_key is not None  # read from the safetensors file
-    assert len(list(plan_dir.glob("weights-*.f32"))) == 1
+    assert len(kept_files(plan_dir)) == 1
     again = bgesmall.load(minilm_dir, precision="bf16")
     assert again.weights.kept_key is None and again.precision == "bf16"  # mapped from the kept file
     assert again.weights.layers[0].qkv_w.panels.dtype == np.uint32
     texts = MINILM["texts"]
     assert np.array_equal(first.embed(texts), again.embed(texts))
     exact = bgesmall.load(minilm_dir)  # the exact tier keeps a file of its own, never the bf16 one
-    assert exact.precision == "fp32" and len(list(plan_dir.glob("weights-*.f32"))) == 2
+    assert exact.precision == "fp32" and len(kept_files(plan_dir)) == 2
 
 
 # -- every CPU ----------------------------------------------------------------------------------------------------

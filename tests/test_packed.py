@@ -39,6 +39,7 @@ def mapped(a: np.ndarray) -> bool:
 
 
 def kept_files(d):
+    packed.finish()  # a load writes its file in the background
     return sorted(d.glob("weights-*.f32"))
 
 
@@ -57,6 +58,25 @@ def test_the_first_load_keeps_the_arrays_and_the_next_maps_them(minilm_dir, plan
     assert mapped(tiles.weights.layers[0].qkv_w.panels) and tiles.weights.layers[0].qkv_w.dense is None
     assert np.array_equal(tiles.embed(TEXTS), reference["linear=tiles"])
     assert capsys.readouterr().err == ""
+
+
+def test_the_kept_file_is_written_in_the_background_and_a_load_of_it_waits(minilm_dir, plan_dir, reference, monkeypatch):
+    import threading
+
+    release, real = threading.Event(), packed.write
+
+    def held(*args, **kwargs):  # the disk, slow: the write waits for the test's word
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(packed, "write", held)
+    first = bgesmall.load(minilm_dir, plan="linear=tiles", threads=1)  # returns, its file not yet written
+    assert not list(plan_dir.glob("weights-*.f32"))
+    assert np.array_equal(first.embed(TEXTS), reference["linear=tiles"])  # and embeds meanwhile
+    threading.Timer(0.3, release.set).start()
+    again = bgesmall.load(minilm_dir, plan="linear=tiles", threads=1)  # waits for this process's write, then maps it
+    assert mapped(again.weights.layers[0].qkv_w.panels)
+    assert np.array_equal(again.embed(TEXTS), reference["linear=tiles"])
 
 
 def test_a_layer_whose_plain_matrix_was_not_kept_reads_it_from_the_model_file(minilm_dir, plan_dir, reference):
@@ -128,6 +148,7 @@ def test_a_folder_that_cannot_be_written_leaves_the_arrays_in_memory(minilm_dir,
 
     monkeypatch.setattr(tempfile, "mkstemp", refused)
     model = bgesmall.load(minilm_dir, plan="linear=tiles", threads=1)
+    packed.finish()  # the write, in the background, fails with its line
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot keep the packed weights" in err[0] and "BGESMALL_PLAN_DIR" in err[0], err
     assert np.array_equal(model.embed(TEXTS), reference["linear=tiles"])
@@ -171,6 +192,7 @@ def test_writing_sweeps_kept_files_of_weights_that_are_gone_and_old_temporaries(
     foreign = plan_dir / "weights-not-ours.f32"
     foreign.write_bytes(b"something else")
     bgesmall.load(minilm_dir, plan="linear=tiles", threads=1)  # writes its own kept file, sweeping
+    packed.finish()
     assert not orphan.exists() and not stale_tmp.exists()
     assert fresh_tmp.exists() and foreign.exists() and len(kept_files(plan_dir)) == 2
 
@@ -227,4 +249,4 @@ def test_writing_sweeps_kept_files_an_earlier_layout_wrote(minilm_dir, plan_dir)
     old.write_bytes((packed.MAGIC + struct.pack("<Q", size) + body).ljust(size, b"\0"))
     current.unlink()  # the next load writes its kept file again, and sweeps
     bgesmall.load(minilm_dir, plan="linear=tiles", threads=1)
-    assert not old.exists() and len(kept_files(plan_dir)) == 1
+    assert len(kept_files(plan_dir)) == 1 and not old.exists()  # kept_files: once the write is done
