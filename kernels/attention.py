@@ -2,21 +2,23 @@
 
 Sequences are packed back to back without padding, so there is nothing to mask: sequence s owns token rows
 starts[s]:starts[s] + lengths[s], and attention never reads outside them. Each (sequence, head) pair is
-independent. `attention` is the fused kernel, best for short sequences; for long ones the encoder runs the two
+independent. `attention` runs the fused kernels, best for short sequences; for long ones the encoder runs the two
 products as BLAS GEMMs around `softmax_rows` (see bgesmall/encoder.py, `self_attention`).
 Mirrors transformers' `BertSelfAttention` (eager path): softmax(q k^T / sqrt(d) + mask) v, with the query,
 key and value biases added here rather than in a separate pass.
 
-For heads of 32 dimensions (bge-small's and MiniLM's: 384 / 12) the fused kernel runs in vector registers
-(`simd.f32x16`), one head of one sequence at a time: its keys are laid out as [32, keys padded to 16] (bias
-added), so that 16 scores of a query are 32 FMAs of its broadcast elements by rows of keys; queries go eight at a
-time (eight independent chains of FMAs; a short group repeats its last row, so a row's result never depends on
-the rows beside it); each row's max and sum are vector reductions and its exp one vectorized pass over all eight
-rows; the weighted sum of values is two 16-lane accumulators per query, a row of values read once for all eight.
-Shorter sequences, and the lone [CLS] rows of the last layer, go a query row at a time: a score is two FMAs
-over the row's two vectors and a sum across lanes. Other head sizes take a scalar kernel, compiled at its first
-call (`attention_any`), that keeps the keys row-major and scores by dot products along the head dimension. (Slicing or calling a function inside these loops costs numba a reference-count update each time:
-the loops index arrays directly.)
+For heads of 32 dimensions (bge-small's and MiniLM's: 384 / 12) the kernels run in vector registers
+(`simd.f32x16`), one head of one sequence at a time. Sequences of VECTOR_FROM tokens or more (`attention_blocks`):
+the head's keys are laid out as [32, keys padded to 16] (bias added), so that 16 scores of a query are 32 FMAs
+of its broadcast elements by rows of keys; queries go eight at a time (eight independent chains of FMAs; a short
+group repeats its last row, so a row's result never depends on the rows beside it); each row's max and sum are
+vector reductions and its exp one vectorized pass over all eight rows; the weighted sum of values is two
+16-lane accumulators per query, a row of values read once for all eight. Shorter sequences, and the lone [CLS]
+rows of the last layer (`attention_rows`), go a query row at a time: a score is two FMAs over the row's two
+vectors and a sum across lanes. Other head sizes take a scalar kernel, compiled at its first call
+(`attention_any`), that keeps the keys row-major and scores by dot products along the head dimension. (Slicing
+or calling a function inside these loops costs numba a reference-count update each time: the loops index arrays
+directly.)
 """
 
 import numpy as np
@@ -161,77 +163,6 @@ def _values8(seq, qkv_b, start, n, queries, i, o, width, p, inv, out):
         _store_row(out, row + 7 * cols, l7, h7, inv[i + 7], blo, bhi)
 
 
-@helper()
-def _attend_rows(qkv, qkv_b, start, n, rows, o, scale, keys, p, bits, out):
-    # out[start + i, o:o + 32] <- softmax_j(q_i . k_j) v_j + bias_v over the sequence's n keys, for the first
-    # `rows` rows and one head (columns o .. o + 31, each row's slice two vectors): short sequences and lone
-    # [CLS] rows; keys [>= n, 32], p, bits [>= n]: scratch
-    three = qkv.shape[1]
-    hidden = three // 3
-    one, nothing = splat16(np.float32(1.0)), zeros16()
-    klo_b, khi_b = load16(qkv_b, hidden + o), load16(qkv_b, hidden + o + 16)
-    src, base, stride = qkv, start * three + hidden + o, three  # one row reads the keys where they are
-    if rows > 1:  # more: the head's keys once, bias added, side by side
-        for j in range(n):
-            at = base + j * stride
-            store16(keys, j * HEAD, fma16(load16(qkv, at), one, klo_b))
-            store16(keys, j * HEAD + 16, fma16(load16(qkv, at + 16), one, khi_b))
-        src, base, stride, klo_b, khi_b = keys, 0, HEAD, nothing, nothing
-    qlo_b, qhi_b, sc = load16(qkv_b, o), load16(qkv_b, o + 16), splat16(scale)
-    vo = 2 * hidden + o
-    vlo_b, vhi_b = load16(qkv_b, vo), load16(qkv_b, vo + 16)
-    for i in range(rows):
-        at = (start + i) * three + o
-        qlo = fma16(fma16(load16(qkv, at), one, qlo_b), sc, nothing)  # (q + b) * scale
-        qhi = fma16(fma16(load16(qkv, at + 16), one, qhi_b), sc, nothing)
-        m = np.float32(-np.inf)
-        for j in range(n):
-            at = base + j * stride
-            klo, khi = fma16(load16(src, at), one, klo_b), fma16(load16(src, at + 16), one, khi_b)
-            t = hsum16(fma16(qhi, khi, fma16(qlo, klo, nothing)))
-            p[j] = t
-            m = max(m, t)
-        for j in range(n):
-            p[j] -= m
-        exp_nonpositive(p, bits)
-        total = np.float32(0.0)
-        for j in range(n):
-            total += p[j]
-        lo = hi = nothing
-        for j in range(n):  # the weighted sum of the values; their bias is added once: the weights sum to 1
-            at = (start + j) * three + vo
-            w = splat16(p[j])
-            lo, hi = fma16(w, load16(qkv, at), lo), fma16(w, load16(qkv, at + 16), hi)
-        _store_row(out, (start + i) * out.shape[1] + o, lo, hi, np.float32(1.0) / total, vlo_b, vhi_b)
-
-
-@helper()
-def _attend_blocks(qkv, qkv_b, start, n, num_heads, scale, local, kt, q, p, bits, inv, pad, out):
-    # every head of one sequence of n >= VECTOR_FROM tokens, its queries eight at a time (see the module's doc);
-    # local [>= n, 3 hidden], kt, q, p, bits, inv, pad: scratch sized for the longest such sequence
-    width = (n + 15) // 16 * 16
-    for j in range(width):
-        pad[j] = 0.0 if j < n else -np.inf
-    queries = n
-    rows = (queries + QUERIES - 1) // QUERIES * QUERIES
-    # a contiguous copy first: each head reads 128 bytes of every row, which from a batch's qkv (a few MB,
-    # in L3 at best) costs a cache miss per row and head (1024 tokens of 16-token sequences: 3.6x slower)
-    seq = local[:n]
-    for j in range(n):
-        for c in range(qkv.shape[1]):
-            seq[j, c] = qkv[start + j, c]
-    for h in range(num_heads):
-        o = h * HEAD
-        _head_inputs(seq, qkv_b, n, queries, o, width, scale, kt, q)
-        for i in range(0, rows, QUERIES):
-            _scores8(kt, q, i, width, p)
-        _shift_rows(p, rows, width, pad)
-        exp_nonpositive(p[: rows * width], bits[: rows * width])
-        _row_sums(p, rows, width, inv)
-        for i in range(0, queries, QUERIES):
-            _values8(seq, qkv_b, start, n, queries, i, o, width, p, inv, out)
-
-
 SIGNATURE = "void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, b1, f4[:, ::1])"
 
 
@@ -240,20 +171,58 @@ SIGNATURE = "void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, b1, f4[:, ::1])"
 def attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
     # `attention` for heads of 32 (qkv [tokens, 3 * 32 heads], qkv_b [3 * 32 heads], starts, lengths [sequences],
     # out [tokens, 32 heads]), a query row at a time: the sequences shorter than VECTOR_FROM, or under
-    # first_only every sequence's [CLS] row
+    # first_only every sequence's [CLS] row (written out here, not in a helper: one level of LLVM less to compile)
     scale = np.float32(1.0 / np.sqrt(np.float32(HEAD)))
     longest = np.int64(0)  # not the literal 0: numba would compile what it is passed to twice, once for Literal[int](0)
     for s in range(starts.shape[0]):
         if first_only or lengths[s] < VECTOR_FROM:
             longest = max(longest, lengths[s])
+    three = qkv.shape[1]
+    hidden = three // 3
+    one, nothing, sc = splat16(np.float32(1.0)), zeros16(), splat16(scale)
     keys = np.empty((longest, HEAD), dtype=np.float32)  # one head's keys, bias added
     p = np.empty(longest, dtype=np.float32)  # one row's scores, then weights
     bits = np.empty(longest, dtype=np.int32)
     for s in range(starts.shape[0]):
         start, n = starts[s], lengths[s]
-        if first_only or n < VECTOR_FROM:
-            for h in range(num_heads):
-                _attend_rows(qkv, qkv_b, start, n, 1 if first_only else n, h * HEAD, scale, keys, p[:n], bits[:n], out)
+        if not (first_only or n < VECTOR_FROM) or n == 0:
+            continue
+        scores, scratch = p[:n], bits[:n]
+        rows = 1 if first_only else n
+        for o in range(0, num_heads * HEAD, HEAD):  # one head: columns o .. o + 31, each row's slice two vectors
+            klo_b, khi_b = load16(qkv_b, hidden + o), load16(qkv_b, hidden + o + 16)
+            src, base, stride = qkv, start * three + hidden + o, three  # one row reads the keys where they are
+            if rows > 1:  # more: the head's keys once, bias added, side by side
+                for j in range(n):
+                    at = base + j * stride
+                    store16(keys, j * HEAD, fma16(load16(qkv, at), one, klo_b))
+                    store16(keys, j * HEAD + 16, fma16(load16(qkv, at + 16), one, khi_b))
+                src, base, stride, klo_b, khi_b = keys, 0, HEAD, nothing, nothing
+            qlo_b, qhi_b, vo = load16(qkv_b, o), load16(qkv_b, o + 16), 2 * hidden + o
+            vlo_b, vhi_b = load16(qkv_b, vo), load16(qkv_b, vo + 16)
+            for i in range(rows):  # out[start + i, o:o + 32] <- softmax_j(q_i . k_j) v_j + bias_v
+                at = (start + i) * three + o
+                qlo = fma16(fma16(load16(qkv, at), one, qlo_b), sc, nothing)  # (q + b) * scale
+                qhi = fma16(fma16(load16(qkv, at + 16), one, qhi_b), sc, nothing)
+                m = np.float32(-np.inf)
+                for j in range(n):
+                    at = base + j * stride
+                    klo, khi = fma16(load16(src, at), one, klo_b), fma16(load16(src, at + 16), one, khi_b)
+                    t = hsum16(fma16(qhi, khi, fma16(qlo, klo, nothing)))
+                    scores[j] = t
+                    m = max(m, t)
+                for j in range(n):
+                    scores[j] -= m
+                exp_nonpositive(scores, scratch)
+                total = np.float32(0.0)
+                for j in range(n):
+                    total += scores[j]
+                lo = hi = nothing
+                for j in range(n):  # the weighted sum of the values; their bias is added once: the weights sum to 1
+                    at = (start + j) * three + vo
+                    w = splat16(scores[j])
+                    lo, hi = fma16(w, load16(qkv, at), lo), fma16(w, load16(qkv, at + 16), hi)
+                _store_row(out, (start + i) * out.shape[1] + o, lo, hi, np.float32(1.0) / total, vlo_b, vhi_b)
 
 
 @kernel(SIGNATURE, fastmath={"contract", "reassoc"})
@@ -274,10 +243,31 @@ def attention_blocks(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
     inv = np.empty(most, dtype=np.float32)
     pad = np.empty(widest, dtype=np.float32)
     local = np.empty((blocked, qkv.shape[1]), dtype=np.float32)  # one sequence's rows, near the core for every head
-    for s in range(starts.shape[0]):
+    for s in range(starts.shape[0]):  # (written out here, not in a helper: one level of LLVM less to compile)
         start, n = starts[s], lengths[s]
-        if not first_only and n >= VECTOR_FROM:
-            _attend_blocks(qkv, qkv_b, start, n, num_heads, scale, local, kt, q, p, bits, inv, pad, out)
+        if first_only or n < VECTOR_FROM:
+            continue
+        width = (n + 15) // 16 * 16
+        for j in range(width):
+            pad[j] = 0.0 if j < n else -np.inf
+        queries = n
+        rows = (queries + QUERIES - 1) // QUERIES * QUERIES
+        # a contiguous copy first: each head reads 128 bytes of every row, which from a batch's qkv (a few MB,
+        # in L3 at best) costs a cache miss per row and head (1024 tokens of 16-token sequences: 3.6x slower)
+        seq = local[:n]
+        for j in range(n):
+            for c in range(qkv.shape[1]):
+                seq[j, c] = qkv[start + j, c]
+        for h in range(num_heads):
+            o = h * HEAD
+            _head_inputs(seq, qkv_b, n, queries, o, width, scale, kt, q)
+            for i in range(0, rows, QUERIES):
+                _scores8(kt, q, i, width, p)
+            _shift_rows(p, rows, width, pad)
+            exp_nonpositive(p[: rows * width], bits[: rows * width])
+            _row_sums(p, rows, width, inv)
+            for i in range(0, queries, QUERIES):
+                _values8(seq, qkv_b, start, n, queries, i, o, width, p, inv, out)
 
 
 @first_call_kernel(SIGNATURE, fastmath={"contract", "reassoc"})
