@@ -403,9 +403,9 @@ def _numba_cache_dir() -> str:
     if numba.config.CACHE_DIR:
         return f"{numba.config.CACHE_DIR} (NUMBA_CACHE_DIR)"
     try:
-        from . import kernels
+        from .kernels import compile_ahead
 
-        return str(kernels.attention._cache._cache_path)
+        return str(compile_ahead._cache_dir() or "none writable: the kernels compile in memory")
     except Exception:  # a numba internals change must not break `info`
         return "next to the kernel modules (__pycache__), else numba's user cache"
 

@@ -194,12 +194,9 @@ def _process_fingerprint() -> dict:
     import numba
     import numpy as np
 
-    from .kernels import simd
+    from .kernels import compile_ahead, simd
 
-    kernels = Path(simd.__file__).resolve().parent
-    source = hashlib.sha256()
-    for name in ("matmul.py", "simd.py", "attention.py"):
-        source.update((kernels / name).read_bytes())
+    source = hashlib.sha256(compile_ahead.sources_stamp())  # every kernel source: any may change what is fastest
     return {
         "format": FORMAT,
         "cpu": cpu_name(),

@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from . import encoder
+from .kernels.attention import VECTOR_FROM
 from .linear import IMPLEMENTATIONS, Linear
 from .plan import (
     ATTENTION_LENGTHS, BATCH_TOKENS, ENV_PLAN, LINEAR, NEVER, ROW_CLASSES, Plan, default_plan, fingerprint,
@@ -54,10 +55,16 @@ def measure(cfg, weights, threads: int, budget_s: float = BUDGET_S) -> Plan:
     """A plan measured for this model on this machine, in at most about budget_s seconds (of measuring: the tier's
     kernels, compiled or loaded at their first use, are made ready first: the bf16 tier's are compiled at their
     first call, which on a cold start took the whole budget)."""
+    # first, one layer over a 1-token and a VECTOR_FROM-token sequence, and a split query product: every kernel
+    # the measurements run is compiled or loaded before the clock starts (a kernel deferred to its first call: the
+    # bf16 tier's, the scalar attention of heads that are not 32 wide, a compile-ahead child's share)
+    ws = encoder.Workspace.allocate(cfg, 1 + VECTOR_FROM)
+    ws.x[:] = 1.0
+    encoder.encoder_layer(cfg, weights.layers[0], encoder.Sequences.from_offsets(
+        np.array([0, 1, 1 + VECTOR_FROM], dtype=np.int64), NEVER), ws.views(1 + VECTOR_FROM))
     lin = weights.layers[0].qkv_w
     x1 = np.zeros((1, lin.shape[0]), dtype=np.float32)
     out1 = np.empty((1, lin.out_features), dtype=np.float32)
-    lin(x1, out1)
     if threads > 1:
         on_split_thread(lambda parts: lin(x1, out1, parts), threads)
     t0 = time.perf_counter()

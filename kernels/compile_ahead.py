@@ -3,7 +3,7 @@
 With numba's cache empty (the first use on a machine, or after an upgrade), compiling the kernels is most of
 the start: about 7 s on one core of an AMD EPYC (Zen 5). numba compiles one function at a time under one lock, so
 a second thread would not help; a second process does. When the cache lacks a kernel of CHILD_KERNELS (about
-half of the compile: the linear layers', the layer norms and bias_gelu), `begin()` starts a child Python that
+half of the compile: the linear layers' and the layer norms), `begin()` starts a child Python that
 compiles just those into numba's on-disk cache, while this process compiles the others (attention's, softmax's)
 and goes on to load the weights. Here the child's share is decorated as kernels compiled at their first call; the
 first such call joins the child (`join`) and then loads the kernel from the cache. Whatever happens to the child
@@ -29,16 +29,18 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 
 CHILD_ENV = "BGESMALL_COMPILE_ONLY"  # set in the child: the kernels it compiles ("module.name", comma-separated)
 SWITCH_ENV = "BGESMALL_COMPILE_AHEAD"
 # The child's share, about half of the compile (AMD EPYC Zen 5, one process at a time, from an empty cache:
-# linear_panels 1.4-1.7 s, linear_split 0.9 s, the layer norms 0.4 s, bias_gelu 0.6 s; this process keeps
-# attention_rows 1.4 s, attention_blocks 1.9-2.5 s and softmax_rows 0.2 s). Kernels that share helpers stay
-# together: each process compiles the helpers of its own kernels.
+# linear_panels 1.4-1.7 s, linear_split 0.9 s, the layer norms 0.4 s; this process keeps bias_gelu 0.6 s,
+# attention_rows 1.4 s, attention_blocks 1.6-1.8 s and softmax_rows 0.2 s, then reads and packs the weights,
+# and joins the child 0-0.6 s before it is done). Kernels that share helpers stay together: each process
+# compiles the helpers of its own kernels.
 CHILD_KERNELS = ("matmul.linear_panels", "matmul.linear_split", "layernorm.residual_layernorm",
-                 "layernorm.embed_layernorm", "activations.bias_gelu")
+                 "layernorm.embed_layernorm")
 TIMEOUT_S = 300.0
 CHILD_CODE = f"""
 import importlib, os
@@ -63,11 +65,39 @@ def compiles_here(module: str, name: str) -> bool:
     return _child is None or kernel not in CHILD_KERNELS
 
 
+def in_share(module: str, name: str) -> bool:
+    """Whether kernel `name` of `module` is of the child's share."""
+    return f"{module.rsplit('.', 1)[-1]}.{name}" in CHILD_KERNELS
+
+
 def join() -> None:
-    """Wait for the child, if one is running (see `wait`): before the first call of a kernel of its share."""
+    """Wait for the child, if one is running (see `wait`): before the first call of a kernel of its share. Every
+    thread that calls it waits (another thread's first call of another kernel of the share, too); a process
+    forked from the one that started the child, which cannot wait for it, watches the cache instead."""
     global _child
-    child, _child = _child, None
-    wait(child)
+    with _join_lock:
+        child = _child
+        if child is None:
+            return
+        if os.getpid() == child.owner:
+            wait(child)
+        else:
+            _watch(child)
+        _child = None
+
+
+_join_lock = threading.Lock()
+
+
+def _watch(child: subprocess.Popen) -> None:
+    # a forked process: wait, with wait()'s patience, until the child's share is in the cache (or give up and
+    # let this process compile what is missing)
+    cache_dir = _cache_dir()
+    started = getattr(child, "started", None)
+    patience = TIMEOUT_S if started is None else min(TIMEOUT_S, 0.5 * (time.monotonic() - started) + 1.0)
+    deadline = time.monotonic() + patience
+    while cache_dir is not None and not _cached(cache_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _cache_dir() -> str | None:
@@ -81,7 +111,7 @@ def _cache_dir() -> str | None:
 
 
 def _cached(cache_dir: str) -> bool:
-    # an index of each of matmul.py's kernels stamped with the kernel sources as they are now (sources_stamp: a
+    # an index of each kernel of the child's share stamped with the kernel sources as they are now (sources_stamp: a
     # changed source gets a new index); anything unreadable: assume cached
     try:
         stamp = sources_stamp()
@@ -189,12 +219,14 @@ def start() -> subprocess.Popen | None:
     except OSError:
         return None
     child.started = None if forced else time.monotonic()  # forced: no patience, wait for it
+    child.owner = os.getpid()  # only this process can wait for it (not one forked from it)
     return child
 
 
 def wait(child: subprocess.Popen | None) -> None:
-    """Join the child, for at most half the time since it started (this process's own share took that long, and
-    the child's is about as large), and TIMEOUT_S in all; a child still running then is stopped. Its outcome
+    """Join the child, for at most half the time since it started (this process's own share of the compile, and
+    whatever it did next until it needed the child's share, took that long; the child's share is about as large),
+    and TIMEOUT_S in all; a child still running then is stopped. Its outcome
     does not matter, only the cache it leaves."""
     if child is None:
         return

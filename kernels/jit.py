@@ -93,6 +93,7 @@ class _FirstCallKernel:
 
     def __init__(self, fn, signature, **options):
         self.py_func, self.signature, self.options = fn, signature, options
+        self._shared = compile_ahead.in_share(fn.__module__, fn.__name__)  # a compile-ahead child may compile it
         self.__name__, self.__doc__ = fn.__name__, fn.__doc__
         self._disp = None
         self._lock = threading.Lock()
@@ -101,7 +102,8 @@ class _FirstCallKernel:
         if self._disp is None:
             with self._lock:
                 if self._disp is None:
-                    compile_ahead.join()  # a compile-ahead child may be compiling this kernel: its result, first
+                    if self._shared:
+                        compile_ahead.join()  # the compile-ahead child may be compiling it: its result, first
                     self._disp = _compile_cached(self.py_func, self.signature, self.options)
         return self._disp
 

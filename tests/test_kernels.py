@@ -159,11 +159,12 @@ def test_attention_never_reads_across_sequences():
 
 
 def test_vector_attention_never_reads_across_sequences_nor_depends_on_the_padding():
-    # sequences of VECTOR_FROM tokens or more take the vector kernel (keys padded to 16, queries to 8)
+    # sequences of VECTOR_FROM tokens or more take the eight-row blocks (keys padded to 16, queries to 8): two of
+    # them of different widths, then a short one (a row at a time)
     from bgesmall.kernels.attention import VECTOR_FROM
 
     heads, hidden = 12, 384
-    offsets = np.array([0, VECTOR_FROM + 1, VECTOR_FROM + 21, VECTOR_FROM + 24], dtype=np.int64)
+    offsets = np.array([0, VECTOR_FROM + 1, 2 * VECTOR_FROM + 21, 2 * VECTOR_FROM + 24], dtype=np.int64)
     qkv = rng.standard_normal((offsets[-1], 3 * hidden)).astype(np.float32)
     bias = rng.standard_normal(3 * hidden).astype(np.float32)
     out = np.full((offsets[-1], hidden), np.nan, np.float32)
@@ -177,7 +178,7 @@ def test_vector_attention_never_reads_across_sequences_nor_depends_on_the_paddin
     attention(np.ascontiguousarray(qkv[offsets[1]:offsets[2]]), bias, np.zeros(1, np.int64),
               np.array([offsets[2] - offsets[1]]), heads, False, alone)
     np.testing.assert_array_equal(out[offsets[1]:offsets[2]], alone)
-    first = np.empty_like(out)  # the [CLS] rows alone (scalar kernel) agree with the vector kernel's
+    first = np.empty_like(out)  # the [CLS] rows alone (a row at a time) agree with the blocks'/rows' ones
     attention(qkv, bias, offsets[:-1].copy(), np.diff(offsets), heads, True, first)
     np.testing.assert_allclose(first[offsets[:-1]], out[offsets[:-1]], atol=2e-6, rtol=1e-5)
 
