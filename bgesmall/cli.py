@@ -510,6 +510,8 @@ def _chosen(plan, decision: str, times: dict) -> str | None:
         return next((name for lo, name in reversed(choices) if rows >= lo), None)
     if decision.startswith("attention at "):
         return "blas" if int(decision.split()[2]) >= plan.long_sequence else "fused"
+    if decision.startswith("blocks at "):
+        return "blocks" if int(decision.split()[2]) >= plan.blocks_from else "rows"
     if decision.startswith("batch tokens"):
         return str(plan.batch_tokens)
     if decision.startswith("query"):

@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import BertConfig
 from .kernels import attention, bias_gelu, embed_layernorm, residual_layernorm, softmax_rows
+from .kernels.attention import VECTOR_FROM
 from .weights import BertWeights, LayerWeights
 
 
@@ -78,13 +79,16 @@ class Sequences:
     short_starts: np.ndarray  # [short sequences] int64
     short_lengths: np.ndarray  # [short sequences] int64
     long_spans: tuple[tuple[int, int], ...]  # (start, end) of each sequence of `long_sequence` tokens or more
+    blocks_from: int = VECTOR_FROM  # the fused kernel: a query row at a time below this length, 8 rows from it
 
     @classmethod
-    def from_offsets(cls, offsets: np.ndarray, long_sequence: int = LONG_SEQUENCE) -> "Sequences":
+    def from_offsets(cls, offsets: np.ndarray, long_sequence: int = LONG_SEQUENCE,
+                     blocks_from: int = VECTOR_FROM) -> "Sequences":
         starts, lengths = offsets[:-1], np.diff(offsets)
         short = lengths < long_sequence
         spans = tuple((int(s), int(s + n)) for s, n in zip(starts[~short], lengths[~short]))
-        return cls(offsets, np.ascontiguousarray(starts[short]), np.ascontiguousarray(lengths[short]), spans)
+        return cls(offsets, np.ascontiguousarray(starts[short]), np.ascontiguousarray(lengths[short]), spans,
+                   int(blocks_from))
 
 
 def self_attention(
@@ -94,7 +98,7 @@ def self_attention(
     # first_only: only the first row of each sequence is computed (attending to all of its tokens)
     heads, hidden = cfg.num_attention_heads, cfg.hidden_size
     d = hidden // heads
-    attention(qkv, qkv_b, seqs.short_starts, seqs.short_lengths, heads, first_only, out)
+    attention(qkv, qkv_b, seqs.short_starts, seqs.short_lengths, heads, first_only, out, seqs.blocks_from)
     for start, end in seqs.long_spans:
         n = end - start
         m = 1 if first_only else n  # query rows
@@ -147,17 +151,17 @@ def last_layer_first_tokens(cfg: BertConfig, lw: LayerWeights, seqs: Sequences, 
 
 def encode(
     cfg: BertConfig, w: BertWeights, ids: np.ndarray, offsets: np.ndarray, ws: Workspace, pooling: str, parts: int = 1,
-    long_sequence: int = LONG_SEQUENCE,
+    long_sequence: int = LONG_SEQUENCE, blocks_from: int = VECTOR_FROM,
 ) -> np.ndarray:
     # ids [tokens] int32 (sequences packed back to back), offsets [sequences + 1] int64
     # -> pooled final hidden states [sequences, hidden], not normalized; parts: threads sharing each matmul;
-    # long_sequence: the attention path's threshold (the plan's). The linear layers run as their weights were
+    # long_sequence, blocks_from: the attention paths' thresholds (the plan's). The linear layers run as their weights were
     # prepared for the plan (bgesmall/linear.py).
     tokens = ids.shape[0]
     ws = ws.views(tokens)
     positions = (np.arange(tokens, dtype=np.int64) - np.repeat(offsets[:-1], np.diff(offsets))).astype(np.int32)
     embeddings(cfg, w, ids, positions, ws.x)
-    seqs = Sequences.from_offsets(offsets, long_sequence)
+    seqs = Sequences.from_offsets(offsets, long_sequence, blocks_from)
     for lw in w.layers[:-1]:
         encoder_layer(cfg, lw, seqs, ws, parts)
     if pooling == "cls":

@@ -219,7 +219,8 @@ class Model:
         ws = getattr(self._local, "workspace", None)
         if ws is None or ws.capacity < ids.shape[0]:
             ws = self._local.workspace = encoder.Workspace.allocate(self.config, max(ids.shape[0], 128))
-        return encoder.encode(self.config, self.weights, ids, offsets, ws, self.pooling, parts, self.plan.long_sequence)
+        return encoder.encode(self.config, self.weights, ids, offsets, ws, self.pooling, parts, self.plan.long_sequence,
+                              self.plan.blocks_from)
 
     # -- conveniences -----------------------------------------------------------------------------------
 

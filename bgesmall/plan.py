@@ -9,6 +9,8 @@ keeps the answer, as FFTW keeps its "wisdom": a later load reads it back in a mi
     query          a lone small pass (a query): split each product's panels over the cores, or run on one
     long_sequence  attention: from this many tokens a sequence runs as two BLAS products per head around the
                    numba softmax, shorter ones take the fused kernel (bgesmall/encoder.py)
+    blocks_from    the fused kernel for heads of 32: a query row at a time below this many tokens, eight rows at
+                   a time from it (kernels/attention.py)
     batch_tokens   tokens per forward pass
 
 Every choice gives the same vectors to within the project's tolerances: the tiles variants are bit-identical
@@ -22,7 +24,7 @@ plan in memory. `BGESMALL_PLAN` (or `load(plan=...)`) forces choices instead of 
 
     BGESMALL_PLAN=default                          the built-in plan below, on every machine
     BGESMALL_PLAN=linear=blas,query=single         those choices, the built-in plan for the rest
-    BGESMALL_PLAN=long_sequence=32,batch_tokens=2048
+    BGESMALL_PLAN=long_sequence=32,blocks_from=16,batch_tokens=2048
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .kernels.attention import VECTOR_FROM
+
 ENV_PLAN = "BGESMALL_PLAN"
 ENV_PLAN_DIR = "BGESMALL_PLAN_DIR"
-FORMAT = 1  # bump when the file's layout or the meaning of a choice changes
+FORMAT = 2  # bump when the file's layout or the meaning of a choice changes
 
 LINEAR = ("tiles", "tiles/48", "blas")
 QUERY = ("split", "single")
@@ -49,6 +53,7 @@ QUERY = ("split", "single")
 ROW_CLASSES = ((1, 8), (32, 64), (256, 512))
 BATCH_TOKENS = (512, 1024, 2048)
 ATTENTION_LENGTHS = (8, 12, 16, 24, 32, 48, 64, 128, 256)  # candidate thresholds; 513: the fused kernel at every length
+BLOCK_LENGTHS = (12, 16, 24, 32, 48, 64)  # candidate blocks_from (beyond: 2 x the longest measured)
 NEVER = 513
 
 
@@ -57,6 +62,7 @@ class Plan:
     linear: dict[str, tuple[tuple[int, str], ...]]  # "in x out" -> ((from rows, implementation), ...), ascending
     query: str = "split"
     long_sequence: int = 16
+    blocks_from: int = VECTOR_FROM
     batch_tokens: int = 1024
     source: str = "default"  # default | measured | cached | forced (...)
     timings: dict = field(default_factory=dict, compare=False)  # decision -> {candidate: seconds}, from tune
@@ -81,7 +87,7 @@ class Plan:
                 raise ValueError(f"bad linear choices for {key}")
             linear[str(key)] = tuple(sorted(parsed))
         plan = cls(linear=linear, query=d["query"], long_sequence=int(d["long_sequence"]),
-                   batch_tokens=int(d["batch_tokens"]), source=str(d.get("source", "cached")),
+                   blocks_from=int(d["blocks_from"]), batch_tokens=int(d["batch_tokens"]), source=str(d.get("source", "cached")),
                    timings=d.get("timings") or {})
         plan.check()
         return plan
@@ -91,6 +97,8 @@ class Plan:
             raise ValueError(f"query={self.query!r}: valid: {', '.join(QUERY)}")
         if not 1 <= self.long_sequence <= NEVER:
             raise ValueError(f"long_sequence={self.long_sequence}: must be 1..{NEVER}")
+        if not 1 <= self.blocks_from <= NEVER:
+            raise ValueError(f"blocks_from={self.blocks_from}: must be 1..{NEVER}")
         if not 16 <= self.batch_tokens <= 1 << 16:
             raise ValueError(f"batch_tokens={self.batch_tokens}: must be 16..65536")
 
@@ -102,6 +110,8 @@ class Plan:
         lines.append(f"query: {self.query} ({'panels shared by the cores' if self.query == 'split' else 'one core'})")
         lines.append(f"attention: BLAS path from {self.long_sequence} tokens" if self.long_sequence < NEVER
                      else "attention: fused kernel at every length")
+        lines.append(f"attention, heads of 32: a query row at a time below {self.blocks_from} tokens, eight rows "
+                     "from there" if self.blocks_from < NEVER else "attention, heads of 32: a query row at a time")
         lines.append(f"batch: {self.batch_tokens} tokens per pass")
         return lines
 
@@ -132,9 +142,9 @@ def parse_forced(spec: str, cfg) -> Plan:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, sep, value = item.partition("=")
         key, value = key.strip().lower(), value.strip()
-        if not sep or key not in ("linear", "query", "long_sequence", "batch_tokens"):
+        if not sep or key not in ("linear", "query", "long_sequence", "blocks_from", "batch_tokens"):
             raise ValueError(f"plan {spec!r}: {item!r} is not NAME=VALUE with NAME one of linear, query, "
-                             "long_sequence, batch_tokens (or the whole plan 'default')")
+                             "long_sequence, blocks_from, batch_tokens (or the whole plan 'default')")
         if key == "linear":
             if value not in LINEAR:
                 raise ValueError(f"plan {spec!r}: linear={value!r} does not exist; valid: {', '.join(LINEAR)}")

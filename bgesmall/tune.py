@@ -21,7 +21,7 @@ from . import encoder
 from .kernels.attention import VECTOR_FROM
 from .linear import IMPLEMENTATIONS, Linear
 from .plan import (
-    ATTENTION_LENGTHS, BATCH_TOKENS, ENV_PLAN, LINEAR, NEVER, ROW_CLASSES, Plan, default_plan, fingerprint,
+    ATTENTION_LENGTHS, BATCH_TOKENS, BLOCK_LENGTHS, ENV_PLAN, LINEAR, NEVER, ROW_CLASSES, Plan, default_plan, fingerprint,
     parse_forced, read_plan, shape_key, write_plan,
 )
 from .threads import on_split_thread, single_threaded_blas
@@ -89,8 +89,15 @@ def measure(cfg, weights, threads: int, budget_s: float = BUDGET_S) -> Plan:
             linear[key] = _merge(choices)
         plan = replace(plan, linear=linear)
 
+        if cfg.hidden_size == 32 * cfg.num_attention_heads and time.perf_counter() < deadline:
+            times = _time_blocks(cfg, weights, rng, deadline)
+            timings.update({f"blocks at {n} tokens": t for n, t in times.items()})
+            plan = replace(plan, blocks_from=_threshold(times, "rows", "blocks", settled=None))
+        elif cfg.hidden_size == 32 * cfg.num_attention_heads:
+            skipped.append("attention blocks")
+
         if time.perf_counter() < deadline:
-            times = _time_attention(cfg, weights, rng, deadline)
+            times = _time_attention(cfg, weights, rng, deadline, plan.blocks_from)
             timings.update({f"attention at {n} tokens": t for n, t in times.items()})
             plan = replace(plan, long_sequence=_threshold(times))
         else:
@@ -155,7 +162,26 @@ def _merge(choices: list[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
     return tuple(merged)
 
 
-def _time_attention(cfg, weights, rng, deadline: float) -> dict[int, dict[str, float]]:
+def _time_blocks(cfg, weights, rng, deadline: float) -> dict[int, dict[str, float]]:
+    # per length n: ~512 tokens of n-token sequences through the fused kernel (heads of 32), a query row at a time
+    # and eight rows at a time
+    h = cfg.hidden_size
+    bias = weights.layers[0].qkv_b
+    out = {}
+    for n in BLOCK_LENGTHS:
+        if n > cfg.max_position_embeddings or time.perf_counter() > deadline:
+            break
+        count = max(1, 512 // n)
+        offsets = np.arange(count + 1, dtype=np.int64) * n
+        qkv = rng.standard_normal((count * n, 3 * h)).astype(np.float32)
+        ctx = np.empty((count * n, h), dtype=np.float32)
+        rows, blocks = (encoder.Sequences.from_offsets(offsets, NEVER, b) for b in (n + 1, n))
+        out[n] = best_times({"rows": lambda: encoder.self_attention(cfg, qkv, bias, rows, ctx),
+                             "blocks": lambda: encoder.self_attention(cfg, qkv, bias, blocks, ctx)}, 3, deadline)
+    return out
+
+
+def _time_attention(cfg, weights, rng, deadline: float, blocks_from: int) -> dict[int, dict[str, float]]:
     # per length n: ~512 tokens of n-token sequences through the fused kernel and through the BLAS path
     h = cfg.hidden_size
     bias = weights.layers[0].qkv_b
@@ -167,21 +193,23 @@ def _time_attention(cfg, weights, rng, deadline: float) -> dict[int, dict[str, f
         offsets = np.arange(count + 1, dtype=np.int64) * n
         qkv = rng.standard_normal((count * n, 3 * h)).astype(np.float32)
         ctx = np.empty((count * n, h), dtype=np.float32)
-        fused, blas = encoder.Sequences.from_offsets(offsets, NEVER), encoder.Sequences.from_offsets(offsets, 1)
+        fused, blas = (encoder.Sequences.from_offsets(offsets, long, blocks_from) for long in (NEVER, 1))
         out[n] = best_times({"fused": lambda: encoder.self_attention(cfg, qkv, bias, fused, ctx),
                              "blas": lambda: encoder.self_attention(cfg, qkv, bias, blas, ctx)}, 3, deadline)
     return out
 
 
-def _threshold(times: dict[int, dict[str, float]]) -> int:
-    """The shortest measured length from which the BLAS path is faster at every longer measured length. If it lost
-    at every length measured up to 256 tokens, the fused kernel runs at every length (NEVER): both costs grow as
-    the square of the length from there on (Zen 5: the fused kernel 1.9x BLAS's rate at 512). If the measuring
-    stopped short of that, twice the longest length measured."""
+def _threshold(times: dict[int, dict[str, float]], short: str = "fused", long: str = "blas",
+               settled: int | None = 256) -> int:
+    """The shortest measured length from which the `long` path is faster than the `short` one at every longer
+    measured length. If it lost at every length measured up to `settled` tokens: the `short` path at every length
+    (NEVER; attention's BLAS path: both costs grow as the square of the length from 256 on, Zen 5's fused kernel
+    1.9x BLAS's rate at 512). Otherwise, if it lost at the longest length measured, twice that length (the
+    eight-row blocks, whose lead grows with the length, settled=None: Zen 5, 1.42x the rows' rate at 48)."""
     longest = max(times)
-    threshold = NEVER if longest >= 256 else 2 * longest
+    threshold = NEVER if settled is not None and longest >= settled else 2 * longest
     for n in sorted(times, reverse=True):
-        if times[n]["blas"] >= times[n]["fused"]:
+        if times[n][long] >= times[n][short]:
             break
         threshold = n
     return threshold
@@ -198,7 +226,7 @@ def _time_batch_tokens(cfg, weights, plan: Plan, rng, deadline: float) -> dict[s
     candidates = {}
     for tokens in BATCH_TOKENS:
         offsets = np.arange(tokens // 64 + 1, dtype=np.int64) * 64
-        seqs = encoder.Sequences.from_offsets(offsets, plan.long_sequence)
+        seqs = encoder.Sequences.from_offsets(offsets, plan.long_sequence, plan.blocks_from)
         view = ws.views(tokens)
         candidates[str(tokens)] = lambda v=view, s=seqs: encoder.encoder_layer(cfg, layer, s, v)
     times = best_times(candidates, 2, deadline, warm_up=False)  # every kernel ran already; the buffers are touched

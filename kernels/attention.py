@@ -8,7 +8,7 @@ Mirrors transformers' `BertSelfAttention` (eager path): softmax(q k^T / sqrt(d) 
 key and value biases added here rather than in a separate pass.
 
 For heads of 32 dimensions (bge-small's and MiniLM's: 384 / 12) the kernels run in vector registers
-(`simd.f32x16`), one head of one sequence at a time. Sequences of VECTOR_FROM tokens or more (`attention_blocks`):
+(`simd.f32x16`), one head of one sequence at a time. Sequences of `blocks_from` tokens or more (`attention_blocks`):
 the head's keys are laid out as [32, keys padded to 16] (bias added), so that 16 scores of a query are 32 FMAs
 of its broadcast elements by rows of keys; queries go eight at a time (eight independent chains of FMAs; a short
 group repeats its last row, so a row's result never depends on the rows beside it); each row's max and sum are
@@ -29,7 +29,8 @@ from .simd import fma16, hmax16, hsum16, load16, max16, splat16, store16, zeros1
 
 QUERIES = 8  # query rows computed together (eight chains of FMAs in flight)
 HEAD = 32  # the head size of the vector kernel
-# Sequences shorter than this go a query row at a time (_attend_rows: a score is two FMAs and a sum across lanes;
+# The built-in `blocks_from` (the plan measures it per machine: bgesmall/tune.py). Sequences shorter than it go a
+# query row at a time (_attend_rows: a score is two FMAs and a sum across lanes;
 # the eight-row blocks pad the keys to 16 and the queries to 8, and pay for a transposed copy). Against the
 # blocks, one thread, AMD EPYC Zen 5, ~960 tokens of n-token sequences, best of 15 alternating: n = 12: 0.71x,
 # 16: 0.79x, 20: 0.65x, 24: 0.83x, 32: 1.03x, 48: 1.42x; against the scalar kernel (attention_any) that had the
@@ -164,18 +165,19 @@ def _values8(seq, qkv_b, start, n, queries, i, o, width, p, inv, out):
 
 
 SIGNATURE = "void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, b1, f4[:, ::1])"
+SPLIT_SIGNATURE = "void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, b1, i8, f4[:, ::1])"  # + blocks_from
 
 
 # reassoc + contract only (no nnan/ninf): sums may be reordered so they vectorize; inf and NaN keep their meaning.
-@kernel(SIGNATURE, fastmath={"contract", "reassoc"})
-def attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
+@kernel(SPLIT_SIGNATURE, fastmath={"contract", "reassoc"})
+def attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_from, out):
     # `attention` for heads of 32 (qkv [tokens, 3 * 32 heads], qkv_b [3 * 32 heads], starts, lengths [sequences],
-    # out [tokens, 32 heads]), a query row at a time: the sequences shorter than VECTOR_FROM, or under
+    # out [tokens, 32 heads]), a query row at a time: the sequences shorter than blocks_from, or under
     # first_only every sequence's [CLS] row (written out here, not in a helper: one level of LLVM less to compile)
     scale = np.float32(1.0 / np.sqrt(np.float32(HEAD)))
     longest = np.int64(0)  # not the literal 0: numba would compile what it is passed to twice, once for Literal[int](0)
     for s in range(starts.shape[0]):
-        if first_only or lengths[s] < VECTOR_FROM:
+        if first_only or lengths[s] < blocks_from:
             longest = max(longest, lengths[s])
     three = qkv.shape[1]
     hidden = three // 3
@@ -185,7 +187,7 @@ def attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
     bits = np.empty(longest, dtype=np.int32)
     for s in range(starts.shape[0]):
         start, n = starts[s], lengths[s]
-        if not (first_only or n < VECTOR_FROM) or n == 0:
+        if not (first_only or n < blocks_from) or n == 0:
             continue
         scores, scratch = p[:n], bits[:n]
         rows = 1 if first_only else n
@@ -225,14 +227,14 @@ def attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
                 _store_row(out, (start + i) * out.shape[1] + o, lo, hi, np.float32(1.0) / total, vlo_b, vhi_b)
 
 
-@kernel(SIGNATURE, fastmath={"contract", "reassoc"})
-def attention_blocks(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
-    # `attention` for heads of 32, as attention_rows, eight query rows at a time: the sequences of VECTOR_FROM
+@kernel(SPLIT_SIGNATURE, fastmath={"contract", "reassoc"})
+def attention_blocks(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_from, out):
+    # `attention` for heads of 32, as attention_rows, eight query rows at a time: the sequences of blocks_from
     # tokens or more (none under first_only)
     scale = np.float32(1.0 / np.sqrt(np.float32(HEAD)))
     blocked = np.int64(0)  # the longest of them
     for s in range(starts.shape[0]):
-        if not first_only and lengths[s] >= VECTOR_FROM:
+        if not first_only and lengths[s] >= blocks_from:
             blocked = max(blocked, lengths[s])
     widest = (blocked + 15) // 16 * 16
     most = (blocked + QUERIES - 1) // QUERIES * QUERIES
@@ -245,7 +247,7 @@ def attention_blocks(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
     local = np.empty((blocked, qkv.shape[1]), dtype=np.float32)  # one sequence's rows, near the core for every head
     for s in range(starts.shape[0]):  # (written out here, not in a helper: one level of LLVM less to compile)
         start, n = starts[s], lengths[s]
-        if first_only or n < VECTOR_FROM:
+        if first_only or n < blocks_from:
             continue
         width = (n + 15) // 16 * 16
         for j in range(width):
@@ -322,17 +324,18 @@ def attention_any(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
 
 
 
-def attention(qkv, qkv_b, starts, lengths, num_heads, first_only, out):
+def attention(qkv, qkv_b, starts, lengths, num_heads, first_only, out, blocks_from=VECTOR_FROM):
     """qkv [tokens, 3 * hidden] (query | key | value, bias not yet added), qkv_b [3 * hidden], starts, lengths
     [sequences], out [tokens, hidden] <- per sequence and head h: softmax(q_h k_h^T / sqrt(d)) v_h (rows of out
     outside the given sequences are left as they are). first_only: only each sequence's first query row (its
-    [CLS] token) is computed and written, over all of its keys and values. Heads of 32 take `attention_rows` and
-    `attention_blocks` (by sequence length), any other size `attention_any`."""
+    [CLS] token) is computed and written, over all of its keys and values. Heads of 32 take `attention_rows`
+    below blocks_from tokens and `attention_blocks` from there (the plan's `blocks_from`, measured per machine),
+    any other size `attention_any`."""
     hidden = getattr(out, "shape", (0, 0))[-1]
     if hidden == HEAD * num_heads and getattr(qkv, "shape", (0, 0))[-1] == 3 * hidden:
-        attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, out)
+        attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_from, out)
         if not first_only:
-            attention_blocks(qkv, qkv_b, starts, lengths, num_heads, first_only, out)
+            attention_blocks(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_from, out)
     else:
         attention_any(qkv, qkv_b, starts, lengths, num_heads, first_only, out)
 

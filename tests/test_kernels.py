@@ -183,6 +183,27 @@ def test_vector_attention_never_reads_across_sequences_nor_depends_on_the_paddin
     np.testing.assert_allclose(first[offsets[:-1]], out[offsets[:-1]], atol=2e-6, rtol=1e-5)
 
 
+def test_a_row_at_a_time_and_eight_rows_at_a_time_agree_at_every_length():
+    # blocks_from, measured per machine (bgesmall/tune.py), sends a sequence to either kernel: both must give the
+    # same attention to within summation order, at any length, and each sequence's rows whatever is beside it
+    heads, hidden = 12, 384
+    lengths = np.array([1, 2, 7, 8, 9, 15, 16, 17, 31, 40, 64, 100], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    qkv = rng.standard_normal((offsets[-1], 3 * hidden)).astype(np.float32)
+    bias = rng.standard_normal(3 * hidden).astype(np.float32)
+    want = ref_attention(qkv, bias, offsets, heads)
+    for blocks_from in (1, 16, 513):
+        out = np.full((offsets[-1], hidden), np.nan, np.float32)
+        attention(qkv, bias, offsets[:-1].copy(), lengths, heads, False, out, blocks_from)
+        np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-5)
+        for s in (0, 5, 11):  # alone, bit for bit
+            n, start = int(lengths[s]), int(offsets[s])
+            alone = np.empty((n, hidden), np.float32)
+            attention(np.ascontiguousarray(qkv[start:start + n]), bias, np.zeros(1, np.int64), lengths[s:s + 1],
+                      heads, False, alone, blocks_from)
+            np.testing.assert_array_equal(alone, out[start:start + n])
+
+
 def test_kernels_reject_float64_instead_of_recompiling():
     x = np.zeros((2, 8), dtype=np.float64)
     with pytest.raises(TypeError):

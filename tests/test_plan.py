@@ -50,6 +50,34 @@ def test_when_the_tiles_are_slow_the_planner_takes_another(minilm, monkeypatch):
     assert used_implementations(plan) == {"blas"}, plan.linear
 
 
+def _slowed_when_working(fn, rows: bool):
+    # an attention kernel of heads of 32 made slow on purpose, when it has sequences to do (each is called for
+    # every batch, to do nothing when the other takes them all)
+    def slow(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_from, out):
+        t = time.perf_counter()
+        fn(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_from, out)
+        if first_only or (lengths < blocks_from).any() if rows else (lengths >= blocks_from).any():
+            time.sleep(3 * (time.perf_counter() - t) + 0.001)
+
+    return slow
+
+
+@pytest.mark.parametrize("slow", ["rows", "blocks"])
+def test_a_slow_attention_kernel_is_not_chosen(minilm, monkeypatch, slow):
+    import sys
+
+    attention = sys.modules["bgesmall.kernels.attention"]
+    name = f"attention_{slow}"
+    monkeypatch.setattr(attention, name, _slowed_when_working(getattr(attention, name), slow == "rows"))
+    plan = tune.measure(minilm.config, minilm.weights, threads=1, budget_s=60)
+    measured = [n for n in plan_mod.BLOCK_LENGTHS if f"blocks at {n} tokens" in plan.timings]
+    assert measured == list(plan_mod.BLOCK_LENGTHS), plan.timings.keys()
+    if slow == "blocks":  # a row at a time at every length measured, and twice as far
+        assert plan.blocks_from == 2 * plan_mod.BLOCK_LENGTHS[-1], plan.describe()
+    else:  # eight rows at a time from the shortest length measured
+        assert plan.blocks_from == plan_mod.BLOCK_LENGTHS[0], plan.describe()
+
+
 def test_a_forced_candidate_is_the_one_that_runs(minilm_dir, monkeypatch):
     calls = {name: 0 for name in linear_mod.IMPLEMENTATIONS}
 
@@ -75,16 +103,17 @@ def test_the_tiles_keep_no_second_copy_of_the_weights(minilm_dir):
 
 
 def test_forcing_through_the_environment(minilm_dir, monkeypatch):
-    monkeypatch.setenv("BGESMALL_PLAN", "long_sequence=32,batch_tokens=2048")
+    monkeypatch.setenv("BGESMALL_PLAN", "long_sequence=32,blocks_from=16,batch_tokens=2048")
     model = bgesmall.load(minilm_dir)
-    assert (model.plan.long_sequence, model.plan.batch_tokens) == (32, 2048)
+    assert (model.plan.long_sequence, model.plan.blocks_from, model.plan.batch_tokens) == (32, 16, 2048)
     assert model.plan.source.startswith("forced")
 
 
 @pytest.mark.parametrize("spec, words", [
     ("linear=mkl", ["linear='mkl'", "tiles", "tiles/48", "blas"]),
     ("query=maybe", ["query='maybe'", "split", "single"]),
-    ("kernels=fast", ["linear", "query", "long_sequence", "batch_tokens"]),
+    ("kernels=fast", ["linear", "query", "long_sequence", "blocks_from", "batch_tokens"]),
+    ("blocks_from=0", ["1..513"]),
     ("batch_tokens=lots", ["whole number"]),
     ("batch_tokens=1", ["16..65536"]),
 ])
@@ -205,6 +234,9 @@ def test_attention_threshold_from_measurements():
     assert tune._threshold({8: t(1, 2), 64: t(1, 2)}) == 128  # BLAS never won, measured to 64: from twice that
     assert tune._threshold({8: t(1, 2), 256: t(1, 2)}) == plan_mod.NEVER  # never, measured to 256: fused always
     assert tune._threshold({8: t(2, 1), 64: t(3, 1)}) == 8
+    r = lambda rows, blocks: {"rows": rows, "blocks": blocks}  # noqa: E731
+    assert tune._threshold({12: r(1, 2), 32: r(2, 1), 64: r(3, 1)}, "rows", "blocks", settled=None) == 32
+    assert tune._threshold({12: r(1, 2), 64: r(1, 2)}, "rows", "blocks", settled=None) == 128  # never: twice 64
 
 
 def test_plan_round_trips_through_json(minilm):
