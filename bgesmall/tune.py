@@ -163,39 +163,33 @@ def _merge(choices: list[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
 
 
 def _time_blocks(cfg, weights, rng, deadline: float) -> dict[int, dict[str, float]]:
-    # per length n: ~512 tokens of n-token sequences through the fused kernel (heads of 32), a query row at a time
-    # and eight rows at a time
-    h = cfg.hidden_size
-    bias = weights.layers[0].qkv_b
-    out = {}
-    for n in BLOCK_LENGTHS:
-        if n > cfg.max_position_embeddings or time.perf_counter() > deadline:
-            break
-        count = max(1, 512 // n)
-        offsets = np.arange(count + 1, dtype=np.int64) * n
-        qkv = rng.standard_normal((count * n, 3 * h)).astype(np.float32)
-        ctx = np.empty((count * n, h), dtype=np.float32)
-        rows, blocks = (encoder.Sequences.from_offsets(offsets, NEVER, b) for b in (n + 1, n))
-        out[n] = best_times({"rows": lambda: encoder.self_attention(cfg, qkv, bias, rows, ctx),
-                             "blocks": lambda: encoder.self_attention(cfg, qkv, bias, blocks, ctx)}, 3, deadline)
-    return out
+    # per length n: the fused kernel (heads of 32) a query row at a time, and eight rows at a time
+    return _time_paths(cfg, weights, rng, deadline, BLOCK_LENGTHS,
+                       {"rows": lambda n: (NEVER, n + 1), "blocks": lambda n: (NEVER, n)})
 
 
 def _time_attention(cfg, weights, rng, deadline: float, blocks_from: int) -> dict[int, dict[str, float]]:
-    # per length n: ~512 tokens of n-token sequences through the fused kernel and through the BLAS path
+    # per length n: the fused kernel, and the BLAS path
+    return _time_paths(cfg, weights, rng, deadline, ATTENTION_LENGTHS,
+                       {"fused": lambda n: (NEVER, blocks_from), "blas": lambda n: (1, blocks_from)})
+
+
+def _time_paths(cfg, weights, rng, deadline: float, lengths, paths) -> dict[int, dict[str, float]]:
+    # per length n: ~512 tokens of n-token sequences through each attention path, paths[name](n) the
+    # (long_sequence, blocks_from) that sends them there
     h = cfg.hidden_size
     bias = weights.layers[0].qkv_b
     out = {}
-    for n in ATTENTION_LENGTHS:
+    for n in lengths:
         if n > cfg.max_position_embeddings or time.perf_counter() > deadline:
             break
         count = max(1, 512 // n)
         offsets = np.arange(count + 1, dtype=np.int64) * n
         qkv = rng.standard_normal((count * n, 3 * h)).astype(np.float32)
         ctx = np.empty((count * n, h), dtype=np.float32)
-        fused, blas = (encoder.Sequences.from_offsets(offsets, long, blocks_from) for long in (NEVER, 1))
-        out[n] = best_times({"fused": lambda: encoder.self_attention(cfg, qkv, bias, fused, ctx),
-                             "blas": lambda: encoder.self_attention(cfg, qkv, bias, blas, ctx)}, 3, deadline)
+        runs = {name: (lambda s=encoder.Sequences.from_offsets(offsets, *route(n)):
+                       encoder.self_attention(cfg, qkv, bias, s, ctx)) for name, route in paths.items()}
+        out[n] = best_times(runs, 3, deadline)
     return out
 
 
