@@ -185,15 +185,20 @@ class SplitGuard:
     jobs, a 7-token query took 138-242 ms at the median split against 26 ms on one thread (11-14 ms quiet).
     So, per size (tokens, in powers of two): the fastest split pass seen is the quiet estimate. A split pass
     SUSPECT times slower than it has the next pass run on one thread, for comparison, unless one ran in the
-    last FRESH passes. A split pass slower than those recent one-thread passes (or, with none that recent, SLOW
-    times the estimate) is a strike; after STRIKES in a row, the passes of that size run on one thread for the
-    next REST passes, then a split is tried again. Quiet, every pass splits; the results are the same either
-    way (the same tiles, panel by panel)."""
+    last FRESH passes. A split pass MARGIN times slower than those recent one-thread passes (or, with none that
+    recent, SLOW times the estimate) is a strike; after STRIKES in a row, the passes of that size run on one
+    thread for the next REST passes, then a split is tried again. Quiet, every pass splits; the results are the
+    same either way (the same tiles, panel by panel). The margin and the three strikes keep a quiet machine's
+    noise from sending queries to one core: on a 2-core AMD EPYC Zen 5, 7-token queries, split p50 2.5-2.9 ms and
+    one thread 3.3-3.5 ms, 6-12% of split passes are slower than the one-thread median (2% than 1.25x it); with
+    no margin and two strikes, 10-40% of the passes of a 300-query run went to one core (replaying measured
+    times: 3-5% with these)."""
 
     SUSPECT = 1.5
+    MARGIN = 1.25
     FRESH = 16
     SLOW = 2.5
-    STRIKES = 2
+    STRIKES = 3
     REST = 64
 
     @dataclass
@@ -233,7 +238,7 @@ class SplitGuard:
             size.since_single += 1
             fresh = bool(size.single) and size.since_single < self.FRESH
             if fresh:
-                slow = seconds > sorted(size.single)[len(size.single) // 2]
+                slow = seconds > self.MARGIN * sorted(size.single)[len(size.single) // 2]
             else:
                 slow = seconds > self.SLOW * size.fastest_split
             size.compare = not fresh and seconds > self.SUSPECT * size.fastest_split
