@@ -10,7 +10,9 @@ linear layer is one large matrix product over every token of the batch. Mirrors 
                 x = LayerNorm(x + gelu(x W_i + b_i) W_f + b_f)
 
 Shortcuts, stated openly: single-segment input only (token type 0, as embedding models use); no head mask,
-no cross-attention, no KV cache. Attention takes one of two paths by sequence length (`self_attention`).
+no cross-attention, no KV cache. Attention takes one of three paths by sequence length (`self_attention`): for
+heads of 32 the fused kernel a query row at a time, or eight rows at a time (from the plan's blocks_from), and
+from the plan's long_sequence two BLAS products per head around the numba softmax.
 """
 
 from __future__ import annotations

@@ -80,15 +80,20 @@ class Plan:
         """Rebuild a plan from its JSON form, checking every field (a bad one raises ValueError)."""
         if not isinstance(d, dict) or not isinstance(d.get("linear"), dict):
             raise ValueError("not a plan")
+        def whole(v):  # a JSON integer, not a float, a string or a bool
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{v!r} is not a whole number")
+            return v
+
         linear = {}
         for key, choices in d["linear"].items():
-            parsed = tuple((int(lo), str(name)) for lo, name in choices)
+            parsed = tuple((whole(lo), str(name)) for lo, name in choices)
             if not parsed or any(name not in LINEAR or lo < 1 for lo, name in parsed):
                 raise ValueError(f"bad linear choices for {key}")
             linear[str(key)] = tuple(sorted(parsed))
-        plan = cls(linear=linear, query=d["query"], long_sequence=int(d["long_sequence"]),
-                   blocks_from=int(d["blocks_from"]), batch_tokens=int(d["batch_tokens"]), source=str(d.get("source", "cached")),
-                   timings=d.get("timings") or {})
+        plan = cls(linear=linear, query=d["query"], long_sequence=whole(d["long_sequence"]),
+                   blocks_from=whole(d["blocks_from"]), batch_tokens=whole(d["batch_tokens"]),
+                   source=str(d.get("source", "cached")), timings=d.get("timings") or {})
         plan.check()
         return plan
 
@@ -110,8 +115,9 @@ class Plan:
         lines.append(f"query: {self.query} ({'panels shared by the cores' if self.query == 'split' else 'one core'})")
         lines.append(f"attention: BLAS path from {self.long_sequence} tokens" if self.long_sequence < NEVER
                      else "attention: fused kernel at every length")
-        lines.append(f"attention, heads of 32: a query row at a time below {self.blocks_from} tokens, eight rows "
-                     "from there" if self.blocks_from < NEVER else "attention, heads of 32: a query row at a time")
+        lines.append(f"attention, heads of 32: eight query rows at a time from {self.blocks_from} tokens, one below"
+                     if self.blocks_from < min(self.long_sequence, NEVER)
+                     else "attention, heads of 32: a query row at a time")
         lines.append(f"batch: {self.batch_tokens} tokens per pass")
         return lines
 
@@ -250,7 +256,10 @@ def read_plan(fp: dict) -> Plan | None:
         if d.get("fingerprint") != fp:
             raise ValueError("made for another machine or version")
         return replace(Plan.from_json(d["plan"]), source="cached")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except KeyError as e:
+        _say(f"ignoring the kept plan {path} (no {e}); measuring again")
+        return None
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as e:
         _say(f"ignoring the kept plan {path} ({e}); measuring again")
         return None
 

@@ -2,7 +2,8 @@
 
 Robust to a noisy, shared machine the way FFTW's planner is: candidates of one choice take turns (a burst of
 load from elsewhere falls on all of them), each is timed several times and its best time counts (noise only
-ever adds time), and a candidate replaces the built-in one only if it is faster by more than MARGIN. The whole
+ever adds time), and a candidate replaces the built-in one only if it is faster by more than MARGIN (a length
+threshold, chosen where one path overtakes the other, takes none: see _threshold). The whole
 measurement is held to BUDGET_S seconds; a choice not reached by then keeps the built-in value, and the plan
 says so. Everything runs on the model's own weights and shapes, on one thread, as each worker runs a batch;
 the split of a lone query is timed on the split thread with its team, as queries run.
@@ -89,15 +90,17 @@ def measure(cfg, weights, threads: int, budget_s: float = BUDGET_S) -> Plan:
             linear[key] = _merge(choices)
         plan = replace(plan, linear=linear)
 
-        if cfg.hidden_size == 32 * cfg.num_attention_heads and time.perf_counter() < deadline:
-            times = _time_blocks(cfg, weights, rng, deadline)
+        # (a length past the model's positions, or the deadline, can leave a choice with nothing measured: then it
+        # keeps its built-in value, and the plan says so)
+        times = _time_blocks(cfg, weights, rng, deadline) if cfg.hidden_size == 32 * cfg.num_attention_heads else None
+        if times:
             timings.update({f"blocks at {n} tokens": t for n, t in times.items()})
             plan = replace(plan, blocks_from=_threshold(times, "rows", "blocks", settled=None))
-        elif cfg.hidden_size == 32 * cfg.num_attention_heads:
+        elif times is not None:
             skipped.append("attention blocks")
 
-        if time.perf_counter() < deadline:
-            times = _time_attention(cfg, weights, rng, deadline, plan.blocks_from)
+        times = _time_attention(cfg, weights, rng, deadline, plan.blocks_from)
+        if times:
             timings.update({f"attention at {n} tokens": t for n, t in times.items()})
             plan = replace(plan, long_sequence=_threshold(times))
         else:
@@ -196,10 +199,12 @@ def _time_paths(cfg, weights, rng, deadline: float, lengths, paths) -> dict[int,
 def _threshold(times: dict[int, dict[str, float]], short: str = "fused", long: str = "blas",
                settled: int | None = 256) -> int:
     """The shortest measured length from which the `long` path is faster than the `short` one at every longer
-    measured length. If it lost at every length measured up to `settled` tokens: the `short` path at every length
-    (NEVER; attention's BLAS path: both costs grow as the square of the length from 256 on, Zen 5's fused kernel
-    1.9x BLAS's rate at 512). Otherwise, if it lost at the longest length measured, twice that length (the
-    eight-row blocks, whose lead grows with the length, settled=None: Zen 5, 1.42x the rows' rate at 48)."""
+    measured length. Where it lost at the longest length measured: NEVER (the `short` path at every length) if
+    that length is `settled` or more (attention's BLAS path: both costs grow as the square of the length from 256
+    on, Zen 5's fused kernel 1.9x BLAS's rate at 512), else twice that length (the eight-row blocks, whose lead
+    grows with the length, settled=None: Zen 5, 1.42x the rows' rate at 48). A threshold takes no margin against
+    the built-in value: the candidates differ in summation order only, and either side of it is within a few
+    percent of the other."""
     longest = max(times)
     threshold = NEVER if settled is not None and longest >= settled else 2 * longest
     for n in sorted(times, reverse=True):

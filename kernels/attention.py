@@ -30,11 +30,11 @@ from .simd import fma16, hmax16, hsum16, load16, max16, splat16, store16, zeros1
 QUERIES = 8  # query rows computed together (eight chains of FMAs in flight)
 HEAD = 32  # the head size of the vector kernel
 # The built-in `blocks_from` (the plan measures it per machine: bgesmall/tune.py). Sequences shorter than it go a
-# query row at a time (_attend_rows: a score is two FMAs and a sum across lanes;
+# query row at a time (attention_rows: a score is two FMAs and a sum across lanes;
 # the eight-row blocks pad the keys to 16 and the queries to 8, and pay for a transposed copy). Against the
 # blocks, one thread, AMD EPYC Zen 5, ~960 tokens of n-token sequences, best of 15 alternating: n = 12: 0.71x,
 # 16: 0.79x, 20: 0.65x, 24: 0.83x, 32: 1.03x, 48: 1.42x; against the scalar kernel (attention_any) that had the
-# sequences below 12: n = 4: 0.99x, 7: 0.79x, 9: 0.70x, 11: 0.67x. first_only's [CLS] rows go a row at a time.
+# sequences below 12: n = 4: 0.75x, 7: 0.65x, 9: 0.67x, 11: 0.63x. first_only's [CLS] rows go a row at a time.
 VECTOR_FROM = 28
 
 

@@ -118,7 +118,7 @@ def test_bf16_stsb_spearman_of_minilm(minilm_dir):
 
 # every plan's candidate, forced, in bf16: fidelity and batch invariance ("linear=blas" is refused: below)
 BF16_PLANS = ["default", "linear=tiles", "linear=tiles/48", "query=single", "long_sequence=1", "long_sequence=513",
-              "blocks_from=1", "blocks_from=513", "batch_tokens=64"]
+              "long_sequence=513,blocks_from=1", "long_sequence=513,blocks_from=513", "batch_tokens=64"]
 
 
 @needs_bf16

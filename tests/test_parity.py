@@ -312,7 +312,7 @@ def test_synthetic_overrides_and_errors(tmp_path):
 # -- every plan gives the same vectors (bgesmall/plan.py): each candidate forced, on both models ----------------
 
 PLANS = ["default", "linear=tiles", "linear=tiles/48", "linear=blas", "query=single", "long_sequence=1",
-         "long_sequence=513", "blocks_from=1", "blocks_from=513", "batch_tokens=64"]
+         "long_sequence=513", "long_sequence=513,blocks_from=1", "long_sequence=513,blocks_from=513", "batch_tokens=64"]
 
 
 @pytest.mark.parametrize("spec", PLANS)

@@ -78,6 +78,30 @@ def test_a_slow_attention_kernel_is_not_chosen(minilm, monkeypatch, slow):
         assert plan.blocks_from == plan_mod.BLOCK_LENGTHS[0], plan.describe()
 
 
+@pytest.mark.parametrize("spec, rows, blocks", [("long_sequence=513,blocks_from=1", False, True),
+                                                ("long_sequence=513,blocks_from=513", True, False)])
+def test_a_forced_blocks_from_is_the_one_that_runs(minilm_dir, monkeypatch, spec, rows, blocks):
+    # the model's plan reaches the kernels: every sequence of a batch (none of them [CLS]-only) to the one forced
+    import sys
+
+    attention = sys.modules["bgesmall.kernels.attention"]
+    work = {"rows": 0, "blocks": 0}
+
+    def counting(name, fn):
+        def run(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_from, out):
+            if not first_only:
+                work[name] += int((lengths < blocks_from).sum() if name == "rows" else (lengths >= blocks_from).sum())
+            return fn(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_from, out)
+
+        return run
+
+    for name in work:
+        monkeypatch.setattr(attention, f"attention_{name}", counting(name, getattr(attention, f"attention_{name}")))
+    model = bgesmall.load(minilm_dir, plan=spec, threads=1)
+    model.embed(["a short text", "and another one, a little longer than the first, to be sure of it"])
+    assert (work["rows"] > 0, work["blocks"] > 0) == (rows, blocks), work
+
+
 def test_a_forced_candidate_is_the_one_that_runs(minilm_dir, monkeypatch):
     calls = {name: 0 for name in linear_mod.IMPLEMENTATIONS}
 
@@ -144,7 +168,7 @@ def test_the_first_load_measures_and_keeps_the_plan_the_next_reads_it(minilm_dir
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"fingerprint": {}, "plan": {}}), "", "[1, 2]",
-                                     "__stale__", "__bad_choice__"])
+                                     "__stale__", "__bad_choice__", "__infinite__", "__string__", "__missing__"])
 def test_a_corrupt_or_stale_plan_file_is_measured_again_with_one_line(minilm, plan_dir, content, capsys):
     fp = plan_mod.fingerprint(minilm.config, 1)
     path = plan_mod.plan_path(fp)
@@ -154,6 +178,12 @@ def test_a_corrupt_or_stale_plan_file_is_measured_again_with_one_line(minilm, pl
         content = json.dumps(dict(good, fingerprint=dict(fp, numba="0.1")))
     elif content == "__bad_choice__":
         good["plan"]["linear"]["384x1152"] = [[1, "mkl"]]
+        content = json.dumps(good)
+    elif content in ("__infinite__", "__string__", "__missing__"):  # a hostile or hand-edited number
+        if content == "__missing__":
+            del good["plan"]["blocks_from"]
+        else:
+            good["plan"]["blocks_from"] = float("inf") if content == "__infinite__" else "28"
         content = json.dumps(good)
     path.write_text(content)
     plan = tune.plan_for(minilm.config, minilm.weights, 1)
@@ -213,8 +243,10 @@ def test_measuring_stays_within_its_time_budget(bge_dir_for_plan):
 
 def test_a_tiny_budget_keeps_the_built_in_choices_and_says_so(minilm):
     plan = tune.measure(minilm.config, minilm.weights, threads=2, budget_s=0.0)
-    assert "time limit reached" in plan.source
-    assert plan.linear == plan_mod.default_plan(minilm.config).linear
+    assert "time limit reached" in plan.source and "attention blocks" in plan.source
+    built_in = plan_mod.default_plan(minilm.config)
+    assert (plan.linear, plan.blocks_from, plan.long_sequence) == (built_in.linear, built_in.blocks_from,
+                                                                   built_in.long_sequence)
 
 
 def test_a_failed_measurement_falls_back_to_the_built_in_plan(minilm, plan_dir, monkeypatch, capsys):
@@ -237,6 +269,7 @@ def test_attention_threshold_from_measurements():
     r = lambda rows, blocks: {"rows": rows, "blocks": blocks}  # noqa: E731
     assert tune._threshold({12: r(1, 2), 32: r(2, 1), 64: r(3, 1)}, "rows", "blocks", settled=None) == 32
     assert tune._threshold({12: r(1, 2), 64: r(1, 2)}, "rows", "blocks", settled=None) == 128  # never: twice 64
+    assert tune._threshold({12: r(2, 1), 64: r(2, 1)}, "rows", "blocks", settled=None) == 12  # everywhere: the first
 
 
 def test_plan_round_trips_through_json(minilm):
@@ -258,6 +291,7 @@ def test_cli_tune_prints_each_candidate_and_keeps_the_plan(minilm_dir, plan_dir)
     assert r.returncode == 0, r.stderr
     assert "*tiles" in r.stdout or "*blas" in r.stdout or "*tiles/48" in r.stdout
     assert "attention at 16 tokens" in r.stdout and "kept in" in r.stdout
+    assert "blocks at 32 tokens" in r.stdout and ("*rows" in r.stdout or "*blocks" in r.stdout)
     assert len(list(plan_dir.glob("plan-*.json"))) == 1
     info = subprocess.run([sys.executable, "-m", "bgesmall.cli", "info", "--model", str(minilm_dir), "--json"],
                           capture_output=True, text=True, timeout=300)
