@@ -34,7 +34,8 @@ HEAD = 32  # the head size of the vector kernel
 # the eight-row blocks pad the keys to 16 and the queries to 8, and pay for a transposed copy). Against the
 # blocks, one thread, AMD EPYC Zen 5, ~960 tokens of n-token sequences, best of 15 alternating: n = 12: 0.71x,
 # 16: 0.79x, 20: 0.65x, 24: 0.83x, 32: 1.03x, 48: 1.42x; against the scalar kernel (attention_any) that had the
-# sequences below 12: n = 4: 0.75x, 7: 0.65x, 9: 0.67x, 11: 0.63x. first_only's [CLS] rows go a row at a time.
+# sequences below 12: n = 4: 0.75x, 7: 0.65x, 9: 0.67x, 11: 0.63x (compiled for Haswell's AVX2, where each vector
+# operation is two: 0.76x, 0.63x, 0.59x at 4, 7, 11). first_only's [CLS] rows go a row at a time.
 VECTOR_FROM = 28
 
 

@@ -183,7 +183,7 @@ def test_vector_attention_never_reads_across_sequences_nor_depends_on_the_paddin
     np.testing.assert_allclose(first[offsets[:-1]], out[offsets[:-1]], atol=2e-6, rtol=1e-5)
 
 
-def test_a_row_at_a_time_and_eight_rows_at_a_time_agree_at_every_length():
+def test_attention_a_row_at_a_time_and_eight_rows_at_a_time_agree_at_every_length():
     # blocks_from, measured per machine (bgesmall/tune.py), sends a sequence to either kernel: both must give the
     # same attention to within summation order, at any length, and each sequence's rows whatever is beside it
     heads, hidden = 12, 384
