@@ -58,16 +58,19 @@ def in_child() -> bool:
 def compiles_here(module: str, name: str) -> bool:
     """Whether this process compiles kernel `name` of `module` (bgesmall.kernels.X) when it is decorated: in the
     child, only its share; here, all but the child's share while a child runs (those at their first call)."""
-    kernel = f"{module.rsplit('.', 1)[-1]}.{name}"
     only = os.environ.get(CHILD_ENV)
     if only:
-        return kernel in only.split(",")
-    return _child is None or kernel not in CHILD_KERNELS
+        return _kernel(module, name) in only.split(",")
+    return _child is None or not in_share(module, name)
 
 
 def in_share(module: str, name: str) -> bool:
     """Whether kernel `name` of `module` is of the child's share."""
-    return f"{module.rsplit('.', 1)[-1]}.{name}" in CHILD_KERNELS
+    return _kernel(module, name) in CHILD_KERNELS
+
+
+def _kernel(module: str, name: str) -> str:
+    return f"{module.rsplit('.', 1)[-1]}.{name}"  # bgesmall.kernels.matmul, linear_split -> "matmul.linear_split"
 
 
 def join() -> None:
@@ -93,9 +96,7 @@ def _watch(child: subprocess.Popen) -> None:
     # a forked process: wait, with wait()'s patience, until the child's share is in the cache (or give up and
     # let this process compile what is missing)
     cache_dir = _cache_dir()
-    started = getattr(child, "started", None)
-    patience = TIMEOUT_S if started is None else min(TIMEOUT_S, 0.5 * (time.monotonic() - started) + 1.0)
-    deadline = time.monotonic() + patience
+    deadline = time.monotonic() + _patience(child)
     while cache_dir is not None and not _cached(cache_dir) and time.monotonic() < deadline:
         time.sleep(0.05)
 
@@ -230,12 +231,16 @@ def wait(child: subprocess.Popen | None) -> None:
     does not matter, only the cache it leaves."""
     if child is None:
         return
-    started = getattr(child, "started", None)
-    patience = TIMEOUT_S if started is None else min(TIMEOUT_S, 0.5 * (time.monotonic() - started) + 1.0)
     try:
-        child.wait(timeout=patience)
+        child.wait(timeout=_patience(child))
     except BaseException:  # too slow, or this process is being interrupted: do not leave it behind
         child.kill()
         child.wait()
         if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
             raise
+
+
+def _patience(child: subprocess.Popen) -> float:
+    # how long more to wait for the child (see `wait`): half the time since it started, and a second
+    started = getattr(child, "started", None)
+    return TIMEOUT_S if started is None else min(TIMEOUT_S, 0.5 * (time.monotonic() - started) + 1.0)

@@ -49,7 +49,8 @@ class _Inner(CPUDispatcher):
 
     def __call__(self, *args, **kwargs):
         if self._twin is None:
-            options = {k: v for k, v in self.targetoptions.items() if k not in ("no_cpython_wrapper", "no_cfunc_wrapper", "nopython")}
+            options = {k: v for k, v in self.targetoptions.items()
+                       if k not in ("no_cpython_wrapper", "no_cfunc_wrapper", "nopython")}
             self._twin = numba.njit(**options)(self.py_func)
         return self._twin(*args, **kwargs)
 
