@@ -157,8 +157,8 @@ def encode(
 ) -> np.ndarray:
     # ids [tokens] int32 (sequences packed back to back), offsets [sequences + 1] int64
     # -> pooled final hidden states [sequences, hidden], not normalized; parts: threads sharing each matmul;
-    # long_sequence, blocks_from: the attention paths' thresholds (the plan's). The linear layers run as their weights were
-    # prepared for the plan (bgesmall/linear.py).
+    # long_sequence, blocks_from: the attention paths' thresholds (the plan's). The linear layers run as their
+    # weights were prepared for the plan (bgesmall/linear.py).
     tokens = ids.shape[0]
     ws = ws.views(tokens)
     positions = (np.arange(tokens, dtype=np.int64) - np.repeat(offsets[:-1], np.diff(offsets))).astype(np.int32)

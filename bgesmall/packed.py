@@ -2,12 +2,13 @@
 
 Loading bge-small reads 133 MB and packs its 48 weight matrices into column panels (kernels/matmul.py,
 `pack_columns`), rewriting 85 MB: most of a warm start's load, and much of it the cost of faulting in fresh
-memory. The first load of a weights file on a machine writes (in a thread of its own: `write_soon`) what it built to `plan_dir()` /
-weights-<file>-<key>.f32 (beside the plan, so beside numba's cache): every linear layer's panels, the plain
-[out, in] matrix of those the plan runs through BLAS, and the three embedding tables. A later load maps that
-file copy-on-write: nothing is read until a kernel touches it, the pages are the OS file cache's own, and
-only the word-embedding rows of tokens in use are ever resident. The small tensors (biases, LayerNorms) are
-read from the safetensors file as always, and so is the plain matrix of a layer that the file lacks.
+memory. The first load of a weights file on a machine writes (in a thread of its own: `write_soon`) what it
+built to `plan_dir()` / weights-<file>-<key>.f32 (beside the plan, so beside numba's cache): every linear
+layer's panels, the plain [out, in] matrix of those the plan runs through BLAS, and the three embedding tables.
+A later load maps that file copy-on-write: nothing is read until a kernel touches it, the pages are the OS file
+cache's own, and only the word-embedding rows of tokens in use are ever resident. The small tensors (biases,
+LayerNorms) are read from the safetensors file as always, and so is the plain matrix of a layer that the file
+lacks.
 
 The key identifies the weights without reading them: the safetensors file's path, size, modification and
 change times, inode, and header (every tensor's name, dtype, shape and byte range), with this layout's

@@ -22,8 +22,8 @@ from . import encoder
 from .kernels.attention import VECTOR_FROM
 from .linear import IMPLEMENTATIONS, Linear
 from .plan import (
-    ATTENTION_LENGTHS, BATCH_TOKENS, BLOCK_LENGTHS, ENV_PLAN, LINEAR, NEVER, ROW_CLASSES, Plan, default_plan, fingerprint,
-    parse_forced, read_plan, shape_key, write_plan,
+    ATTENTION_LENGTHS, BATCH_TOKENS, BLOCK_LENGTHS, ENV_PLAN, LINEAR, NEVER, ROW_CLASSES, Plan, default_plan,
+    fingerprint, parse_forced, read_plan, shape_key, write_plan,
 )
 from .threads import on_split_thread, single_threaded_blas
 

@@ -213,7 +213,8 @@ def start() -> subprocess.Popen | None:
     forced = os.environ.get(SWITCH_ENV) == "1"
     if busy_cores(cores) > cores - 0.5 and not forced:
         return None
-    env = dict(os.environ, **{CHILD_ENV: ",".join(CHILD_KERNELS), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    env = dict(os.environ, **{CHILD_ENV: ",".join(CHILD_KERNELS),
+                              "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     try:
         child = subprocess.Popen([sys.executable, "-c", CHILD_CODE], env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
