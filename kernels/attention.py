@@ -166,11 +166,11 @@ def _values8(seq, qkv_b, start, n, queries, i, o, width, p, inv, out):
 
 
 SIGNATURE = "void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, b1, f4[:, ::1])"
-SPLIT_SIGNATURE = "void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, b1, i8, f4[:, ::1])"  # + blocks_from
+HEADS32_SIGNATURE = "void(f4[:, ::1], f4[::1], i8[::1], i8[::1], i8, b1, i8, f4[:, ::1])"  # SIGNATURE + blocks_from
 
 
 # reassoc + contract only (no nnan/ninf): sums may be reordered so they vectorize; inf and NaN keep their meaning.
-@kernel(SPLIT_SIGNATURE, fastmath={"contract", "reassoc"})
+@kernel(HEADS32_SIGNATURE, fastmath={"contract", "reassoc"})
 def attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_from, out):
     # `attention` for heads of 32 (qkv [tokens, 3 * 32 heads], qkv_b [3 * 32 heads], starts, lengths [sequences],
     # out [tokens, 32 heads]), a query row at a time: the sequences shorter than blocks_from, or under
@@ -228,7 +228,7 @@ def attention_rows(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_fr
                 _store_row(out, (start + i) * out.shape[1] + o, lo, hi, np.float32(1.0) / total, vlo_b, vhi_b)
 
 
-@kernel(SPLIT_SIGNATURE, fastmath={"contract", "reassoc"})
+@kernel(HEADS32_SIGNATURE, fastmath={"contract", "reassoc"})
 def attention_blocks(qkv, qkv_b, starts, lengths, num_heads, first_only, blocks_from, out):
     # `attention` for heads of 32, as attention_rows, eight query rows at a time: the sequences of blocks_from
     # tokens or more (none under first_only)
