@@ -4,7 +4,7 @@ import threading
 import warnings
 
 import numba
-from numba.core import typeinfer
+from numba.core import codegen, compiler, typeinfer
 from numba.core.caching import FunctionCache, NullCache
 from numba.core.registry import CPUDispatcher
 
@@ -27,15 +27,17 @@ def inner(*, fastmath=False):
     No signature and no cache of its own: its code is in each calling kernel's cache, so nothing is loaded for it
     when bgesmall starts (each cached function costs a start about 10 ms). And no CPython wrapper, which numba
     would otherwise compile for every signature a kernel calls it with (a third of a cold start's compile of the
-    linear kernels): called from Python, as the tests do, it compiles a twin that has one (`_Inner`). Its
-    fastmath flags travel with its instructions when LLVM inlines it."""
+    linear kernels): called from Python, as the tests do, it compiles a twin that has one (`_Inner`). And no
+    machine code of its own either: LLVM IR that its callers link in (`_LinkOnlyLibrary`). Its fastmath flags
+    travel with its instructions when LLVM inlines it."""
     options = dict(nogil=True, fastmath=fastmath, error_model="numpy")
 
     def decorate(fn):
         if numba.config.DISABLE_JIT:
             return fn
         return _Inner(py_func=fn, locals={}, targetoptions=dict(options, nopython=True, boundscheck=None,
-                                                                  no_cpython_wrapper=True, no_cfunc_wrapper=True))
+                                                                  no_cpython_wrapper=True, no_cfunc_wrapper=True),
+                      pipeline_class=_helper_pipeline())
 
     return decorate
 
@@ -53,6 +55,62 @@ class _Inner(CPUDispatcher):
                        if k not in ("no_cpython_wrapper", "no_cfunc_wrapper", "nopython")}
             self._twin = numba.njit(**options)(self.py_func)
         return self._twin(*args, **kwargs)
+
+
+class _LinkOnlyLibrary(codegen.JITCodeLibrary):
+    """Where a helper's code goes: LLVM IR that the kernels calling it link in and optimize with their own code,
+    never optimized as a module or made machine code by itself, since nothing calls it but those kernels (a
+    Python call goes to the twin, `_Inner`). numba's own library does both for every function it compiles:
+    for the helpers, 0.8-0.9 s of a cold start's 2.0 s in LLVM (one process compiling every kernel, AMD EPYC
+    Zen 5), work that each calling kernel repeats on its copy. The kernels' machine code is the same either way
+    but for LLVM's inlining order (their speed was measured unchanged: benchmarks/matmul.py, opprofile.py)."""
+
+    def _optimize_final_module(self):
+        pass  # the function passes ran as each function was added; the module passes run in each caller
+
+    def _finalize_final_module(self):
+        self._finalize_dynamic_globals()  # what numba's does before handing the module to its JIT, and no more
+        self._verify_declare_only_symbols()
+        self._finalized = True
+
+    def get_pointer_to_function(self, name):
+        self._ensure_finalized()
+        return 0  # no machine code: nothing to point at (numba's "no such symbol")
+
+    @property
+    def codegen(self):
+        return _NoEnvCodegen(self._codegen)
+
+
+class _NoEnvCodegen:
+    """numba's code generator, except that it sets no environment pointer for a helper: that pointer lives in the
+    machine code the helper does not get (numba would write through a null address). A kernel that links the
+    helper in gets its copy of the pointer, which numba fills when it loads the kernel from the cache, as before."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def set_env(self, env_name, env):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _HelperCompiler(compiler.Compiler):
+    """numba's pipeline, compiling into a `_LinkOnlyLibrary`."""
+
+    def compile_extra(self, func):
+        if self.state.library is None:
+            self.state.library = _LinkOnlyLibrary(self.state.targetctx.codegen(), func.__qualname__)
+        return super().compile_extra(func)
+
+
+def _helper_pipeline():
+    # numba's own pipeline where its internals are not those that _LinkOnlyLibrary overrides (another numba)
+    needed = ("_finalize_dynamic_globals", "_verify_declare_only_symbols", "_optimize_final_module",
+              "_finalize_final_module", "_ensure_finalized")
+    return _HelperCompiler if all(hasattr(codegen.JITCodeLibrary, n) for n in needed) else compiler.Compiler
 
 
 def leaf():
