@@ -1,10 +1,13 @@
 """The one decorator policy for every kernel in this package (see `__init__.py`)."""
 
+import ctypes
+import functools
 import threading
 import warnings
 
 import numba
-from numba.core import codegen, compiler, typeinfer
+from numba.core import codegen, compiler, cpu, typeinfer
+from numba.core.environment import lookup_environment
 from numba.core.caching import FunctionCache, NullCache
 from numba.core.registry import CPUDispatcher
 
@@ -53,7 +56,7 @@ class _Inner(CPUDispatcher):
         if self._twin is None:
             options = {k: v for k, v in self.targetoptions.items()
                        if k not in ("no_cpython_wrapper", "no_cfunc_wrapper", "nopython")}
-            self._twin = numba.njit(**options)(self.py_func)
+            self._twin = numba.njit(pipeline_class=_KernelCompiler, **options)(self.py_func)
         return self._twin(*args, **kwargs)
 
 
@@ -79,22 +82,31 @@ class _LinkOnlyLibrary(codegen.JITCodeLibrary):
 
     @property
     def codegen(self):
-        return _NoEnvCodegen(self._codegen)
+        return _HelperCodegen(self._codegen)
 
 
-class _NoEnvCodegen:
-    """numba's code generator, except that it sets no environment pointer for a helper: that pointer lives in the
-    machine code the helper does not get (numba would write through a null address). A kernel that links the
-    helper in gets its copy of the pointer, which numba fills when it loads the kernel from the cache, as before."""
+class _HelperCodegen:
+    """numba's code generator, except where it sets a helper's environment pointer (which a helper reads only to
+    print, raise an exception with values computed at run time, or enter object mode). That pointer lives in
+    machine code, and the helper has none: numba would write through a null address. Each kernel that links the helper in has its copy, which `_KernelCompiler` fills once the kernel is
+    compiled, and numba when it loads the kernel from the cache. (Other numba code calling a helper does not get
+    its copy filled: only bgesmall's kernels call them.)"""
 
     def __init__(self, inner):
         self._inner = inner
 
     def set_env(self, env_name, env):
-        pass
+        _set_env(self._inner, env_name, env)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
+
+
+def _set_env(gen, env_name: str, env) -> None:
+    # numba's codegen.set_env, where the JIT has the pointer: else nothing to fill (numba's would write to 0)
+    address = gen._engine.get_global_value_address(env_name)
+    if address:
+        ctypes.c_void_p.from_address(address).value = id(env)
 
 
 class _HelperCompiler(compiler.Compiler):
@@ -106,11 +118,32 @@ class _HelperCompiler(compiler.Compiler):
         return super().compile_extra(func)
 
 
+class _KernelCompiler(compiler.Compiler):
+    """numba's pipeline, for the kernels and the helpers' twins: then the environment pointers of the helpers that
+    the kernel linked in are filled, as numba fills them when it loads a kernel from its cache."""
+
+    def compile_extra(self, func):
+        cres = super().compile_extra(func)
+        library = getattr(cres, "library", None)
+        for gv in getattr(getattr(library, "_final_module", None), "global_variables", ()):
+            if gv.name.startswith("_ZN08NumbaEnv"):
+                env = lookup_environment(gv.name)
+                if env is not None:
+                    _set_env(library._codegen, gv.name, env)
+        return cres
+
+
+@functools.lru_cache(maxsize=None)
 def _helper_pipeline():
-    # numba's own pipeline where its internals are not those that _LinkOnlyLibrary overrides (another numba)
+    # numba's own pipeline where its internals are not those that _LinkOnlyLibrary and _HelperCodegen stand in for
+    # (another numba): the library's steps, and the one place numba sets a new function's environment pointer,
+    # get_executable's `library.codegen.set_env(...)`
     needed = ("_finalize_dynamic_globals", "_verify_declare_only_symbols", "_optimize_final_module",
               "_finalize_final_module", "_ensure_finalized")
-    return _HelperCompiler if all(hasattr(codegen.JITCodeLibrary, n) for n in needed) else compiler.Compiler
+    names = getattr(getattr(cpu.CPUContext.get_executable, "__code__", None), "co_names", ())
+    if {"codegen", "set_env"} <= set(names) and all(hasattr(codegen.JITCodeLibrary, n) for n in needed):
+        return _HelperCompiler
+    return compiler.Compiler
 
 
 def leaf():
@@ -185,7 +218,7 @@ def _cached_njit(signature, **options):
 
 
 def _compile_cached(fn, signature, options):
-    disp = numba.njit(**options)(fn)  # no signature yet: nothing is compiled before the cache is in place
+    disp = numba.njit(pipeline_class=_KernelCompiler, **options)(fn)  # no signature yet: nothing is compiled before the cache is in place
     if not isinstance(disp, numba.core.dispatcher.Dispatcher):  # NUMBA_DISABLE_JIT: the plain function
         return disp
     disp._cache = _GuardedCache.for_function(fn)  # what Dispatcher.enable_caching() sets, made safe

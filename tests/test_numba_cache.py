@@ -238,9 +238,17 @@ def test_a_helper_compiles_to_ir_its_kernels_link_in_and_no_machine_code_of_its_
 
     @jit.helper()
     def scaled(x, k):
+        if x > 100.0:
+            raise ValueError("too big", x)  # a value known at run time: the helper's environment pointer is read
         return x * k
 
-    @numba.njit(nogil=True)
+    scaled.compile("f8(f8, f8)")  # as a kernel's typing of a call compiles it
+    (library,) = [cres.library for cres in scaled.overloads.values()]
+    assert isinstance(library, jit._LinkOnlyLibrary)
+    names = [fn.name for fn in library.get_defined_functions()]
+    assert names and not any(library._codegen._engine.is_symbol_defined(n) for n in names)  # never given to the JIT
+
+    @numba.njit(nogil=True, pipeline_class=jit._KernelCompiler)  # as jit.kernel compiles, without the disk cache
     def total(a):
         s = 0.0
         for i in range(a.size):
@@ -248,7 +256,9 @@ def test_a_helper_compiles_to_ir_its_kernels_link_in_and_no_machine_code_of_its_
         return s
 
     assert total(np.arange(5, dtype=np.float64)) == 30.0  # the kernel runs the helper's linked-in copy
+    with pytest.raises(ValueError, match="too big"):  # not "missing Environment": the kernel filled the helper's
+        total(np.array([1.0, 101.0]))
     assert scaled(2.0, 4.0) == 8.0  # a Python call: the twin, which has machine code and a wrapper
-    (library,) = [cres.library for cres in scaled.overloads.values()]
-    assert isinstance(library, jit._LinkOnlyLibrary) and library._finalized
-    assert library.get_pointer_to_function(library.get_defined_functions().__next__().name) == 0
+    with pytest.raises(ValueError, match="too big"):
+        scaled(200.0, 1.0)
+    assert len(scaled.overloads) == 1  # the kernel used the overload compiled above
