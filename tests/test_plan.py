@@ -71,10 +71,11 @@ def test_a_slow_attention_kernel_is_not_chosen(minilm, monkeypatch, slow):
     monkeypatch.setattr(attention, name, _slowed_when_working(getattr(attention, name), slow == "rows"))
     plan = tune.measure(minilm.config, minilm.weights, threads=1, budget_s=60)
     measured = [n for n in plan_mod.BLOCK_LENGTHS if f"blocks at {n} tokens" in plan.timings]
-    assert measured == list(plan_mod.BLOCK_LENGTHS), plan.timings.keys()
-    if slow == "blocks":  # a row at a time at every length measured, and twice as far
+    if slow == "blocks":  # the blocks lose at the longest length, measured first: a row at a time, and beyond
+        assert measured == [plan_mod.BLOCK_LENGTHS[-1]], plan.timings.keys()
         assert plan.blocks_from == 2 * plan_mod.BLOCK_LENGTHS[-1], plan.describe()
-    else:  # eight rows at a time from the shortest length measured
+    else:  # they win at every length, all measured: eight rows at a time from the shortest
+        assert measured == list(plan_mod.BLOCK_LENGTHS), plan.timings.keys()
         assert plan.blocks_from == plan_mod.BLOCK_LENGTHS[0], plan.describe()
 
 
@@ -259,6 +260,20 @@ def test_a_failed_measurement_falls_back_to_the_built_in_plan(minilm, plan_dir, 
     assert "using the built-in plan" in capsys.readouterr().err
 
 
+def test_lengths_are_measured_longest_first_until_the_threshold_is_settled(minilm, monkeypatch):
+    # the second ("long") path is faster from 32 tokens on: 64, 48, 32 and 24 are measured, not 16 or 12, and
+    # the threshold is the one that measuring every length gives
+    lengths, routed = (12, 16, 24, 32, 48, 64), []
+    table = {n: {"short": 1.0, "long": 0.5 if n >= 32 else 2.0} for n in lengths}
+    monkeypatch.setattr(tune, "best_times", lambda runs, repeats, deadline, warm_up=True: table[routed[-1]])
+    paths = {"short": lambda n: routed.append(n) or (plan_mod.NEVER, n + 1), "long": lambda n: (plan_mod.NEVER, n)}
+    times = tune._time_paths(minilm.config, minilm.weights, np.random.default_rng(0), time.perf_counter() + 60,
+                             lengths, paths)
+    assert list(times) == [64, 48, 32, 24]
+    assert tune._threshold(times, "short", "long", settled=None) == tune._threshold(table, "short", "long",
+                                                                                   settled=None) == 32
+
+
 def test_attention_threshold_from_measurements():
     t = lambda fused, blas: {"fused": fused, "blas": blas}  # noqa: E731
     assert tune._threshold({8: t(1, 2), 16: t(2, 1), 32: t(3, 1)}) == 16
@@ -290,8 +305,8 @@ def test_cli_tune_prints_each_candidate_and_keeps_the_plan(minilm_dir, plan_dir)
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "*tiles" in r.stdout or "*blas" in r.stdout or "*tiles/48" in r.stdout
-    assert "attention at 16 tokens" in r.stdout and "kept in" in r.stdout
-    assert "blocks at 32 tokens" in r.stdout and ("*rows" in r.stdout or "*blocks" in r.stdout)
+    assert "attention at 256 tokens" in r.stdout and "kept in" in r.stdout  # the longest: measured first
+    assert "blocks at 64 tokens" in r.stdout and ("*rows" in r.stdout or "*blocks" in r.stdout)
     assert len(list(plan_dir.glob("plan-*.json"))) == 1
     info = subprocess.run([sys.executable, "-m", "bgesmall.cli", "info", "--model", str(minilm_dir), "--json"],
                           capture_output=True, text=True, timeout=300)
