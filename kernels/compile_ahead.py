@@ -3,7 +3,7 @@
 With numba's cache empty (the first use on a machine, or after an upgrade), compiling the kernels is most of
 the start: about 5 s on one core of an AMD EPYC (Zen 5). numba compiles one function at a time under one lock, so
 a second thread would not help; a second process does. When the cache lacks a kernel of CHILD_KERNELS (about
-half of the compile: the linear layers' and the layer norms), `begin()` starts a child Python that
+half of the compile: the linear layers', the layer norms' and GELU's), `begin()` starts a child Python that
 compiles just those into numba's on-disk cache, while this process compiles the others (attention's, softmax's)
 and goes on to load the weights. Here the child's share is decorated as kernels compiled at their first call; the
 first such call joins the child (`join`) and then loads the kernel from the cache. Whatever happens to the child
@@ -35,25 +35,27 @@ import time
 CHILD_ENV = "BGESMALL_COMPILE_ONLY"  # set in the child: the kernels it compiles ("module.name", comma-separated)
 SWITCH_ENV = "BGESMALL_COMPILE_AHEAD"
 # The child's share, about half of the compile (AMD EPYC Zen 5, one process compiling all, from an empty cache:
-# linear_panels 0.95 s, linear_split 0.8-0.9 s, the layer norms 0.45 s; this process keeps bias_gelu 0.5 s, numba's
-# own start-up among it, attention_rows 1.1 s, attention_blocks 1.2 s and softmax_rows 0.2 s, then reads and packs
-# the weights, and finds the child done or joins it 0-0.1 s before it is; with softmax_rows the child ended
-# 0.3-0.8 s later than that, this process 0.3-0.5 s sooner). Kernels that share helpers stay together: each process
-# compiles the helpers of its own kernels.
+# linear_panels 0.95 s, linear_split 0.8-0.9 s, the layer norms 0.45 s, bias_gelu 0.1 s and its erf; this process
+# keeps attention_rows 1.1 s, attention_blocks 1.2 s and softmax_rows 0.2 s, numba's own start-up 0.4 s before the
+# first of them, then reads and packs the weights, and finds the child done or waits 0-0.3 s. Without bias_gelu the
+# child was done 0.4-0.8 s before it was needed; with softmax_rows too, 0.3-0.8 s after). Kernels that share
+# helpers stay together: each process compiles the helpers of its own kernels.
 CHILD_KERNELS = ("matmul.linear_panels", "matmul.linear_split", "layernorm.residual_layernorm",
-                 "layernorm.embed_layernorm")
+                 "layernorm.embed_layernorm", "activations.bias_gelu")
 TIMEOUT_S = 300.0
 # numba's first compile in a process imports scipy.linalg, where it is installed, only to learn whether
 # np.dot & co. could be compiled (numba/np/arraymath.py, _check_blas): 0.4-0.7 s of the child's time. No kernel
 # calls them and the child's machine code is the same either way, so the child does not find scipy. (This process,
 # the user's, keeps numba's check: its own numba code may want np.dot.)
-CHILD_CODE = f"""
+CHILD_COMPILE = f"""
 import importlib, os, sys
 sys.modules["scipy"] = None  # numba would import it to look for BLAS: see the comment above
 for kernel in os.environ[{CHILD_ENV!r}].split(","):  # decorated at import; one compiled at its first call, here
     module, name = kernel.split(".")
     getattr(getattr(importlib.import_module("bgesmall.kernels." + module), name), "dispatcher", lambda: None)()
 """
+# then out at once: the cache files are written and closed, and the interpreter's cleanup (0.2-0.3 s) was waited for
+CHILD_CODE = CHILD_COMPILE + "os._exit(0)\n"
 _child = None  # the running child, until a kernel of its share is first needed
 
 

@@ -120,7 +120,7 @@ def test_the_compile_ahead_child_compiles_only_its_share(package_copy, tmp_path)
     child_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     child_env.update({"PYTHONPATH": str(package_copy), "NUMBA_CACHE_DIR": str(cache),
                       compile_ahead.CHILD_ENV: ",".join(compile_ahead.CHILD_KERNELS)})
-    code = compile_ahead.CHILD_CODE + ("\nimport bgesmall.kernels as k; print(type(k.softmax_rows).__name__)"
+    code = compile_ahead.CHILD_COMPILE + ("\nimport bgesmall.kernels as k; print(type(k.softmax_rows).__name__)"
                                        "\nprint(any(m.startswith('scipy.') for m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -128,6 +128,10 @@ def test_the_compile_ahead_child_compiles_only_its_share(package_copy, tmp_path)
     assert proc.stdout.split() == ["_FirstCallKernel", "False"]
     written = {p.name.split("-")[0] for p in cache.rglob("*.nbi")}
     assert written == set(compile_ahead.CHILD_KERNELS), written
+    # the child as begin() starts it ends with os._exit: still a clean exit, here from the cache just written
+    proc = subprocess.run([sys.executable, "-c", compile_ahead.CHILD_CODE], capture_output=True, text=True,
+                          env=child_env, timeout=600)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
 
 
 def test_no_compile_ahead_child_when_the_cache_is_warm_or_it_is_switched_off(monkeypatch):
