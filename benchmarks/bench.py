@@ -6,7 +6,7 @@
 Each (engine, workload) runs in its own subprocess (benchmarks/worker.py) so peak RSS and start-up are clean;
 the engines take turns on each workload (so a burst of load on the shared machine hits them alike);
 each engine first gets start-only processes (--start-repeats cold ones, then as many warm; for bgesmall "cold"
-means an empty NUMBA_CACHE_DIR each time; the median of each is reported). Prints one markdown table per workload plus start-up and the sgemm roofline.
+means an empty NUMBA_CACHE_DIR each time; the median of each is reported; --quick: one of each). Prints one markdown table per workload plus start-up and the sgemm roofline.
 --quick: 1/5 of the texts, 1 repeat: for developing, not for figures.
 """
 from __future__ import annotations
@@ -157,6 +157,8 @@ def main(argv=None) -> int:
                     help="also time bgesmall, bgesmall-bf16 and ort-fp32 per length-sorted batch of 32 of the corpus")
     ap.add_argument("--markdown", help="also write the report to this file")
     args = ap.parse_args(argv)
+    if args.start_repeats < 1:
+        ap.error(f"--start-repeats must be 1 or more, not {args.start_repeats}")
     if args.quick:
         args.repeats, args.budget = 1, min(args.budget, 20.0)
     args.stsb = Path(args.shared) / "data" / "stsb-dev.tsv" if args.shared else workloads.default_stsb_path()
@@ -217,6 +219,8 @@ def main(argv=None) -> int:
             runs = []
             for _ in range(starts):
                 if label == "start_cold" and ENGINES[e].numba_cache:  # each bgesmall tier, each cold start its own
+                    if runs:  # the previous cold start's folder (130 MB of kept weights): only the last one is used
+                        tmps.pop().cleanup()
                     tmps.append(tempfile.TemporaryDirectory(prefix="bench-numba-"))  # kernels, plan, weights file
                     env["NUMBA_CACHE_DIR"] = tmps[-1].name  # empty: the start compiles every kernel
                 runs.append(run_worker(e, "start", args, ckpt, env))

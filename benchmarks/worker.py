@@ -1,7 +1,8 @@
 """Run one engine on one workload in a fresh process; print one JSON line. Started by bench.py.
 
 A fresh process per (engine, workload) keeps the peak RSS and the start-up time of each engine clean.
-Workload "start" only measures import + load + first embedding (run twice by bench.py: cold, then warm).
+Workload "start" only measures import + load + first embedding (run by bench.py --start-repeats times cold, then
+as many times warm).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ forced candidate is the one that runs, and what happens to the plan file when th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -272,6 +273,11 @@ def test_lengths_are_measured_longest_first_until_the_threshold_is_settled(minil
     assert list(times) == [64, 48, 32, 24]
     assert tune._threshold(times, "short", "long", settled=None) == tune._threshold(table, "short", "long",
                                                                                    settled=None) == 32
+    # a model with 40 positions: the lengths past them are passed over, not the end of the measuring
+    short_model = dataclasses.replace(minilm.config, max_position_embeddings=40)
+    times = tune._time_paths(short_model, minilm.weights, np.random.default_rng(0), time.perf_counter() + 60,
+                             lengths, paths)
+    assert list(times) == [32, 24]
 
 
 def test_attention_threshold_from_measurements():
