@@ -6,8 +6,9 @@
 Each (engine, workload) runs in its own subprocess (benchmarks/worker.py) so peak RSS and start-up are clean;
 the engines take turns on each workload (so a burst of load on the shared machine hits them alike);
 each engine first gets start-only processes (--start-repeats cold ones, then as many warm; for bgesmall "cold"
-means an empty NUMBA_CACHE_DIR each time; the median of each is reported; --quick: one of each). Prints one markdown table per workload plus start-up and the sgemm roofline.
---quick: 1/5 of the texts, 1 repeat: for developing, not for figures.
+means an empty NUMBA_CACHE_DIR each time; the median of each is reported). Prints one markdown table per
+workload plus start-up and the sgemm roofline.
+--quick: 1/5 of the texts, 1 repeat, one start of each kind: for developing, not for figures.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ TIMEOUT_S = 300.0
 # numba's first compile in a process imports scipy.linalg, where it is installed, only to learn whether
 # np.dot & co. could be compiled (numba/np/arraymath.py, _check_blas): 0.4-0.7 s of the child's time. No kernel
 # calls them and the child's machine code is the same either way, so the child does not find scipy. (This process,
-# the user's, keeps numba's check: its own numba code may want np.dot.)
+# the user's, keeps numba's check: its own numba code's np.correlate and np.convolve take BLAS's dot where found.)
 CHILD_COMPILE = f"""
 import importlib, os, sys
 sys.modules["scipy"] = None  # numba would import it to look for BLAS: see the comment above

@@ -88,9 +88,10 @@ class _LinkOnlyLibrary(codegen.JITCodeLibrary):
 class _HelperCodegen:
     """numba's code generator, except where it sets a helper's environment pointer (which a helper reads only to
     print, raise an exception with values computed at run time, or enter object mode). That pointer lives in
-    machine code, and the helper has none: numba would write through a null address. Each kernel that links the helper in has its copy, which `_KernelCompiler` fills once the kernel is
-    compiled, and numba when it loads the kernel from the cache. (Other numba code calling a helper does not get
-    its copy filled: only bgesmall's kernels call them.)"""
+    machine code, and the helper has none: numba would write through a null address. Each kernel that links the
+    helper in has its copy, which `_KernelCompiler` fills once the kernel is compiled, and numba when it loads the
+    kernel from the cache. (Other numba code calling a helper does not get its copy filled: only bgesmall's
+    kernels call them.)"""
 
     def __init__(self, inner):
         self._inner = inner
@@ -218,7 +219,8 @@ def _cached_njit(signature, **options):
 
 
 def _compile_cached(fn, signature, options):
-    disp = numba.njit(pipeline_class=_KernelCompiler, **options)(fn)  # no signature yet: nothing is compiled before the cache is in place
+    # no signature yet: nothing is compiled before the cache is in place
+    disp = numba.njit(pipeline_class=_KernelCompiler, **options)(fn)
     if not isinstance(disp, numba.core.dispatcher.Dispatcher):  # NUMBA_DISABLE_JIT: the plain function
         return disp
     disp._cache = _GuardedCache.for_function(fn)  # what Dispatcher.enable_caching() sets, made safe
