@@ -11,8 +11,9 @@ first such call joins the child (`join`) and then loads the kernel from the cach
 can only make a start shorter.
 
 No child when: the cache already has them (a warm start reads the index files of the share), one core, no idle core (of
-the cores this process may run on, those in use over a tenth of a second, from /proc/stat, are within half a core
-of their count: the child would only take turns with this process; the 1-minute load average where there is no
+the cores this process may run on, those that other processes keep in use while this one imports numba (a tenth
+of a second at least), from /proc/stat, are within half a core of their count: the child would only take turns
+with this process; the 1-minute load average where there is no
 /proc/stat), numba's JIT is disabled, the cache cannot be written, the interpreter is not a plain `python`
 executable (embedded in a server), or BGESMALL_COMPILE_AHEAD=0. And if the child is still compiling when this
 process needs its share and has waited half as long again, the machine was busier than it looked: the
@@ -156,17 +157,14 @@ def _index_stamp(path: str):
         return None
 
 
-def busy_cores(cores: int, window_s: float = 0.1) -> float:
-    """Of the cores this process may run on, how many are in use now: from their lines of /proc/stat over
-    `window_s` (the load average lags by a minute: right after a heavy job it still says busy, and it counts a
-    job that just started as half idle; and it is the whole machine's, where a container may own 2 cores of 64).
-    Where there is no /proc/stat: the 1-minute load average; where neither: 0 (assume idle cores)."""
+def cpu_snapshot() -> tuple[int, int, float, float] | None:
+    """Where `busy_cores` measures from: the /proc/stat ticks of the cores this process may run on, and how many
+    of them idle, this process's CPU time and the time; None where /proc/stat cannot be read."""
     try:
         mine = {f"cpu{c}" for c in os.sched_getaffinity(0)}
     except AttributeError:  # not Linux
         mine = None
-
-    def times():
+    try:
         total = idle = 0
         with open("/proc/stat") as f:
             for line in f:
@@ -175,16 +173,27 @@ def busy_cores(cores: int, window_s: float = 0.1) -> float:
                     continue
                 v = [int(x) for x in values[:8]]  # user nice system idle iowait irq softirq steal (guest is in user)
                 total, idle = total + sum(v), idle + v[3] + v[4]
-        return total, idle
-
-    try:
-        total0, idle0 = times()
-        time.sleep(window_s)
-        total1, idle1 = times()
-        if total1 > total0:  # clamped: per-CPU idle and iowait counters may step backwards (proc(5))
-            return min(float(cores), max(0.0, cores * (1.0 - (idle1 - idle0) / (total1 - total0))))
     except (OSError, ValueError, IndexError):
-        pass
+        return None
+    return total, idle, time.process_time(), time.monotonic()
+
+
+def busy_cores(cores: int, window_s: float = 0.1, since: tuple | None = None) -> float:
+    """Of the cores this process may run on, how many other processes keep busy now: from their lines of /proc/stat
+    less this process's own CPU time, from `since` (a cpu_snapshot: then this process measures while it works,
+    instead of sleeping) and over `window_s` at least (the load average lags by a minute: right after a heavy
+    job it still says busy, and it counts a job that just started as half idle; and it is the whole machine's,
+    where a container may own 2 cores of 64). Where there is no /proc/stat: the 1-minute load average; where
+    neither: 0 (assume idle cores)."""
+    first = since or cpu_snapshot()
+    if first is not None:
+        time.sleep(max(0.0, window_s - (time.monotonic() - first[3])))
+        last = cpu_snapshot()
+        if last is not None and last[0] > first[0]:  # clamped: idle and iowait counters may step back (proc(5))
+            ticks = last[0] - first[0]
+            own = (last[2] - first[2]) * os.sysconf("SC_CLK_TCK")
+            busy = ticks - (last[1] - first[1]) - own
+            return min(float(cores), max(0.0, cores * busy / ticks))
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -202,6 +211,7 @@ def start() -> subprocess.Popen | None:
     """The child compiling CHILD_KERNELS, or None where none is worth starting (see the module's doc)."""
     if in_child() or os.environ.get(SWITCH_ENV, "1") == "0":
         return None
+    since = cpu_snapshot()  # the busy check below measures over what this process does until then, numba's import
     import numba
 
     if numba.config.DISABLE_JIT:
@@ -219,7 +229,7 @@ def start() -> subprocess.Popen | None:
     if cache_dir is None or _cached(cache_dir):  # first: a warm start must not wait for the busy check below
         return None
     forced = os.environ.get(SWITCH_ENV) == "1"
-    if busy_cores(cores) > cores - 0.5 and not forced:
+    if busy_cores(cores, since=since) > cores - 0.5 and not forced:
         return None
     env = dict(os.environ, **{CHILD_ENV: ",".join(CHILD_KERNELS),
                               "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})

@@ -140,9 +140,9 @@ def test_no_compile_ahead_child_when_the_cache_is_warm_or_it_is_switched_off(mon
     compile_ahead.join()  # a child this process started (its cache was cold) has written its share
     assert compile_ahead.start() is None  # this process imported the kernels: the child's share is in the cache
     monkeypatch.setattr(compile_ahead, "_cached", lambda cache_dir: False)  # as if the cache were empty
-    monkeypatch.setattr(compile_ahead, "busy_cores", lambda cores: float(cores))  # every core busy
+    monkeypatch.setattr(compile_ahead, "busy_cores", lambda cores, **kw: float(cores))  # every core busy
     assert compile_ahead.start() is None
-    monkeypatch.setattr(compile_ahead, "busy_cores", lambda cores: 0.0)
+    monkeypatch.setattr(compile_ahead, "busy_cores", lambda cores, **kw: 0.0)
     monkeypatch.setenv(compile_ahead.SWITCH_ENV, "0")
     assert compile_ahead.start() is None
 
@@ -172,6 +172,22 @@ def test_busy_cores_sees_a_spinning_process_at_once():
             p.wait()
     assert during > cores - 0.5, (before, during)
     assert 0.0 <= before <= cores
+
+
+def test_busy_cores_since_a_snapshot_leaves_out_this_process_own_work():
+    # start() measures over its own import of numba instead of sleeping: that import must not count as load
+    from bgesmall.kernels import compile_ahead
+
+    if compile_ahead.cpu_snapshot() is None:
+        pytest.skip("no /proc/stat on this system: busy_cores falls back to the load average")
+    cores = len(os.sched_getaffinity(0))
+    first = compile_ahead.cpu_snapshot()
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.3:  # this process: one core busy
+        pass
+    working = compile_ahead.busy_cores(cores, since=first)
+    idle = compile_ahead.busy_cores(cores, window_s=0.3)  # nothing of this process runs
+    assert working < idle + 0.6, (working, idle)  # counted, its own spin would add a whole core
 
 
 def test_a_compile_ahead_child_that_hangs_is_stopped_and_one_that_fails_is_ignored(monkeypatch):
