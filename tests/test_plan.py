@@ -280,6 +280,25 @@ def test_lengths_are_measured_longest_first_until_the_threshold_is_settled(minil
     assert list(times) == [32, 24]
 
 
+def test_a_length_where_the_measuring_would_stop_is_timed_twice(minilm, monkeypatch):
+    # one noisy round at 64 tokens says the long path lost; the second round, the best of both counting, says it
+    # won: the measuring goes on, and the threshold is the one the steady timings give
+    calls, routed = [], []
+
+    def timed(runs, repeats, deadline, warm_up=True):
+        n = routed[-1]
+        calls.append(n)
+        noisy = n == 64 and calls.count(64) == 1
+        return {"short": 1.0, "long": 3.0 if noisy else (0.5 if n >= 32 else 2.0)}
+
+    monkeypatch.setattr(tune, "best_times", timed)
+    paths = {"short": lambda n: routed.append(n) or (plan_mod.NEVER, n + 1), "long": lambda n: (plan_mod.NEVER, n)}
+    times = tune._time_paths(minilm.config, minilm.weights, np.random.default_rng(0), time.perf_counter() + 60,
+                             (12, 16, 24, 32, 48, 64), paths)
+    assert calls == [64, 64, 48, 32, 24, 24]  # a second round where a length loses, none where it wins
+    assert tune._threshold(times, "short", "long", settled=None) == 32
+
+
 def test_attention_threshold_from_measurements():
     t = lambda fused, blas: {"fused": fused, "blas": blas}  # noqa: E731
     assert tune._threshold({8: t(1, 2), 16: t(2, 1), 32: t(3, 1)}) == 16
